@@ -1,0 +1,124 @@
+"""Context blocks: identity, weight and the token counters that give the weight.
+
+A *block* is one unit of context in front of a query: a retrieved chunk, a
+memory, a tool result.  Two blocks are the same block exactly when their texts
+are equal, so identity is a content hash (xxh3-128 of the UTF-8 text) rather
+than a caller-chosen id: the same chunk retrieved by two pipelines that number
+their documents differently is still recognised as shared.
+
+The weight of a block is its token count, because what a prefix cache saves is
+tokens of prefill, not documents.  The count comes from a pluggable
+:class:`TokenCounter`; the engine plugins pass the engine's own tokenizer, the
+default is a fast estimate that needs no vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Union, runtime_checkable
+
+import xxhash
+
+__all__ = [
+    "Block",
+    "BlockInput",
+    "TokenCounter",
+    "estimate_tokens",
+    "block_key",
+    "make_block",
+    "tokenizer_counter",
+]
+
+#: What callers may pass as one block: its text, or a dict with ``text`` and an optional ``id``.
+BlockInput = Union[str, dict]
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """Anything that maps a text to its number of tokens."""
+
+    def __call__(self, text: str) -> int: ...
+
+
+def estimate_tokens(text: str) -> int:
+    """Fast token estimate: about four characters per token, at least one.
+
+    Byte-level BPE vocabularies average close to four characters per token on
+    English prose and code; the estimate is only used to weigh blocks against
+    each other, so a constant factor does not change any ordering decision.
+    """
+    return max(1, (len(text) + 3) // 4)
+
+
+def tokenizer_counter(tokenizer: Any) -> TokenCounter:
+    """Wrap a Hugging Face style tokenizer (anything with ``encode``) as a counter.
+
+    Special tokens are left out: a block sits in the middle of a prompt, where
+    the chat template adds none.
+    """
+    encode = tokenizer.encode
+
+    def count(text: str) -> int:
+        try:
+            ids = encode(text, add_special_tokens=False)
+        except TypeError:  # tokenizers without the keyword (tiktoken-like)
+            ids = encode(text)
+        return max(1, len(ids))
+
+    return count
+
+
+def block_key(text: str) -> int:
+    """Content identity of a block: xxh3-128 of its UTF-8 text, as an int."""
+    return xxhash.xxh3_128_intdigest(text.encode("utf-8"))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Block:
+    """One context block, normalised.
+
+    ``source`` is exactly what the caller passed (a str or a dict), so results
+    hand back the caller's own objects in the new order.  Blocks compare by
+    identity; compare ``key`` to ask whether two blocks have the same content.
+    """
+
+    key: int
+    text: str
+    tokens: int
+    label: str | None
+    source: Any
+
+    @property
+    def short_id(self) -> str:
+        """A short printable form of the key (16 hex digits), for hints and logs."""
+        return f"{self.key >> 64:016x}"
+
+
+def make_block(item: BlockInput, count_tokens: Callable[[str], int], where: str) -> Block:
+    """Normalise one caller item into a :class:`Block`.
+
+    ``where`` names the item in error messages (for example ``contexts[2][5]``)
+    so a rejected call says exactly which element was wrong.
+    """
+    if isinstance(item, str):
+        text, label = item, None
+    elif isinstance(item, dict):
+        if "text" not in item:
+            raise ValueError(f"{where}: a dict block needs a 'text' key (got keys {sorted(map(str, item))})")
+        text = item["text"]
+        if not isinstance(text, str):
+            raise TypeError(f"{where}['text']: expected str, got {type(text).__name__}")
+        raw_label = item.get("id")
+        if raw_label is not None and (not isinstance(raw_label, (str, int)) or isinstance(raw_label, bool)):
+            raise TypeError(f"{where}['id']: expected str or int, got {type(raw_label).__name__}")
+        label = None if raw_label is None else str(raw_label)
+    else:
+        raise TypeError(
+            f"{where}: expected a str or a dict with 'text' (and optional 'id'), got {type(item).__name__}"
+        )
+    if not text.strip():
+        raise ValueError(f"{where}: block text is empty")
+    tokens = count_tokens(text)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"{where}: the token counter returned {tokens!r}; it must return an int >= 0")
+    return Block(block_key(text), text, max(1, tokens), label, item)

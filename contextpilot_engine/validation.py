@@ -1,0 +1,184 @@
+"""Input checks for the public API.
+
+Every public call validates *all* of its input before it touches any state, so a
+rejected call leaves the index exactly as it was.  Errors are ``TypeError`` for
+a wrong type and ``ValueError`` for a wrong value, and the message names the
+argument and the index of the offending element (``all_contexts[3][7]``), which
+is what a caller needs to find the bad record in a batch of thousands.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from .blocks import Block, make_block
+
+__all__ = [
+    "UnknownIdError",
+    "parse_context",
+    "parse_contexts",
+    "parse_queries",
+    "check_name",
+    "check_int",
+]
+
+
+class UnknownIdError(ValueError):
+    """An id (conversation, tenant, node) that the index has never seen."""
+
+
+def _is_sequence(obj: Any) -> bool:
+    return isinstance(obj, (list, tuple))
+
+
+class _BlockMaker:
+    """Builds blocks for one call, reusing the block of a text seen earlier in the call.
+
+    Batches repeat the same popular chunks many times; hashing and counting each
+    text once per call keeps a 100k-context batch fast, and every repeat of a
+    text is the *same* :class:`Block` object (batch algorithms intern by it).
+    """
+
+    def __init__(self, count_tokens: Callable[[str], int]):
+        self.count_tokens = count_tokens
+        self.by_text: dict[str, Block] = {}  # plain-string blocks
+        self.by_dict: dict[tuple, Block] = {}  # dict blocks, by (text, label)
+
+    def make(self, item: Any, name: str, index: int) -> Block:
+        if isinstance(item, str):
+            block = self.by_text.get(item)
+            if block is None:
+                block = self.by_text[item] = make_block(item, self.count_tokens, f"{name}[{index}]")
+            return block
+        if isinstance(item, dict):
+            text, label = item.get("text"), item.get("id")
+            if isinstance(text, str) and (label is None or isinstance(label, (str, int))):
+                memo_key = (text, label)
+                block = self.by_dict.get(memo_key)
+                if block is not None:
+                    if block.source is item:
+                        return block
+                    return Block(block.key, block.text, block.tokens, block.label, item)
+                block = make_block(item, self.count_tokens, f"{name}[{index}]")
+                self.by_dict[memo_key] = block
+                return block
+        return make_block(item, self.count_tokens, f"{name}[{index}]")  # raises a precise error
+
+    def make_all(self, context: Sequence[Any], name: str) -> list[Block]:
+        # fast path: strings already seen in this call are one dict lookup each
+        get = self.by_text.get
+        try:
+            out: list[Any] = list(map(get, context))
+        except TypeError:  # an unhashable item (a dict block, or bad input)
+            out = [None] * len(context)
+        if None in out:
+            for i, item in enumerate(context):
+                if out[i] is None or type(item) is not str:
+                    out[i] = self.make(item, name, i)
+        return out
+
+
+def parse_context(
+    context: Any,
+    name: str,
+    count_tokens: Callable[[str], int],
+    max_blocks: int,
+    maker: _BlockMaker | None = None,
+) -> list[Block]:
+    """Validate one context (a list of blocks) and normalise it."""
+    if context is None:
+        raise TypeError(f"{name}: expected a list of blocks, got None")
+    if isinstance(context, (str, dict)) or not _is_sequence(context):
+        raise TypeError(f"{name}: expected a list of blocks, got {type(context).__name__}")
+    if len(context) == 0:
+        raise ValueError(f"{name}: the context is empty (it needs at least one block)")
+    if len(context) > max_blocks:
+        raise ValueError(
+            f"{name}: {len(context)} blocks is more than the limit of {max_blocks} per context "
+            "(raise max_blocks_per_context if this is intended)"
+        )
+    return (maker or _BlockMaker(count_tokens)).make_all(context, name)
+
+
+def parse_contexts(
+    contexts: Any,
+    name: str,
+    count_tokens: Callable[[str], int],
+    max_blocks: int,
+    allow_single: bool = True,
+) -> tuple[list[list[Block]], bool]:
+    """Validate a batch of contexts.
+
+    With ``allow_single`` a flat list of blocks is accepted as a batch of one
+    (the reference API allows both shapes).  Returns the parsed batch and
+    whether the input was a single flat context.
+    """
+    if contexts is None:
+        raise TypeError(f"{name}: expected a list of contexts, got None")
+    if isinstance(contexts, (str, dict)) or not _is_sequence(contexts):
+        raise TypeError(f"{name}: expected a list of contexts, got {type(contexts).__name__}")
+    if len(contexts) == 0:
+        raise ValueError(f"{name}: the list is empty")
+    maker = _BlockMaker(count_tokens)
+    single = allow_single and not _is_sequence(contexts[0]) and contexts[0] is not None
+    if single:
+        return [parse_context(contexts, name, count_tokens, max_blocks, maker)], True
+    return [parse_context(c, f"{name}[{i}]", count_tokens, max_blocks, maker) for i, c in enumerate(contexts)], False
+
+
+def parse_queries(queries: Any, name: str, expected: int, contexts_name: str) -> list[str]:
+    """Validate a list of query strings that must match the contexts one to one."""
+    if queries is None:
+        raise TypeError(f"{name}: expected a list of str, got None")
+    if isinstance(queries, str) or not _is_sequence(queries):
+        raise TypeError(f"{name}: expected a list of str, got {type(queries).__name__}")
+    if len(queries) != expected:
+        raise ValueError(
+            f"{name} has {len(queries)} entries but {contexts_name} has {expected}; they must match one to one"
+        )
+    for i, q in enumerate(queries):
+        check_query(q, f"{name}[{i}]")
+    return list(queries)
+
+
+def check_query(query: Any, name: str) -> str:
+    if not isinstance(query, str):
+        raise TypeError(f"{name}: expected str, got {type(query).__name__}")
+    if not query.strip():
+        raise ValueError(f"{name}: the query is empty")
+    return query
+
+
+def check_name(value: Any, name: str, allow_none: bool = False) -> str | None:
+    """Validate an identifier such as a conversation id or a tenant name."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected str, got {type(value).__name__}")
+    if not value or len(value) > 256:
+        raise ValueError(f"{name}: must be a non-empty string of at most 256 characters")
+    return value
+
+
+def check_int(value: Any, name: str, minimum: int = 0, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+def check_optional_str(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected str or None, got {type(value).__name__}")
+    return value
+
+
+def ensure_sequence_of(values: Sequence[Any], name: str, kind: type) -> None:
+    for i, v in enumerate(values):
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise TypeError(f"{name}[{i}]: expected {kind.__name__}, got {type(v).__name__}")
