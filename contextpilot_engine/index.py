@@ -1,0 +1,346 @@
+"""The Context Index: what each tenant has served, and what the engine still holds.
+
+One :class:`ContextIndex` serves many tenants.  Each tenant has its own
+:class:`~contextpilot_engine.trie.BlockTrie` and its own block popularity, so
+one tenant's requests never change another tenant's orderings or hints.
+
+Two sources of truth for "is it cached":
+
+* With no engine attached the index *models* the cache: every tenant's trie
+  holds at most ``capacity_tokens`` tokens and evicts least-recently-used
+  leaves, the way a radix cache does.
+* With an engine attached (:meth:`ContextIndex.attach_engine`) the engine's
+  own events drive it.  The engine side reports pages entering and leaving
+  the cache (:meth:`pages_stored`, :meth:`pages_removed`,
+  :meth:`pages_cleared`, or the engine-hash flavoured
+  :meth:`on_block_stored` / :meth:`on_block_removed` /
+  :meth:`on_all_blocks_cleared` that vLLM- and SGLang-style events map onto
+  directly).  The request side binds each served prompt to the pages that
+  hold it (:meth:`bind`).  A page event updates the bound nodes at once, so
+  the index is never staler than the last event delivered to it.
+
+All public methods take one lock, so engine threads and request threads may
+call in concurrently.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Iterable, Mapping, Sequence
+
+from .pages import EngineKeyMap
+from .popularity import BlockPopularity
+from .trie import BlockTrie, CachedMatch, TrieNode
+from .validation import UnknownIdError, check_int, check_name
+
+__all__ = ["ContextIndex", "TenantState", "DEFAULT_TENANT", "IndexLimits"]
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class IndexLimits:
+    """Memory bounds of an index; every map in it is bounded by one of these."""
+
+    #: model mode: tokens one tenant's modelled cache holds before it evicts
+    capacity_tokens: int = 2_000_000
+    #: trie nodes one tenant may keep (engine mode bound; model mode is bounded by capacity too)
+    max_nodes: int = 200_000
+    #: tenants kept at once; the least recently used tenant is dropped beyond this
+    max_tenants: int = 1024
+    #: blocks whose popularity one tenant tracks
+    max_tracked_blocks: int = 200_000
+
+    def __post_init__(self) -> None:
+        for name in ("capacity_tokens", "max_nodes", "max_tenants", "max_tracked_blocks"):
+            check_int(getattr(self, name), name, minimum=1)
+
+
+class TenantState:
+    """Everything the index keeps for one tenant."""
+
+    __slots__ = ("name", "trie", "popularity")
+
+    def __init__(self, name: str, trie: BlockTrie, popularity: BlockPopularity):
+        self.name = name
+        self.trie = trie
+        self.popularity = popularity
+
+
+class ContextIndex:
+    def __init__(self, limits: IndexLimits | None = None):
+        self.limits = limits or IndexLimits()
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._tenants: OrderedDict[str, TenantState] = OrderedDict()
+        self.page_size: int | None = None
+        #: canonical page key -> number of cached copies the engine reports
+        self._cached: dict[Hashable, int] = {}
+        #: canonical page key -> bound (node, position in node.pages) pairs
+        self._owners: dict[Hashable, list[tuple[TrieNode, int]]] = {}
+        self._engine_keys = EngineKeyMap()
+        self.unknown_parent_events = 0
+
+    # ---------------------------------------------------------------- tenants
+    def _new_id(self) -> int:
+        return next(self._ids)
+
+    def tenant(self, name: str = DEFAULT_TENANT) -> TenantState:
+        """The state of tenant ``name``, created on first use."""
+        check_name(name, "tenant")
+        with self._lock:
+            state = self._tenants.get(name)
+            if state is not None:
+                self._tenants.move_to_end(name)
+                return state
+            trie = BlockTrie(self._new_id, self.limits.capacity_tokens, self.limits.max_nodes, self._unbind)
+            trie.engine_page_size = self.page_size
+            state = TenantState(name, trie, BlockPopularity(self.limits.max_tracked_blocks))
+            self._tenants[name] = state
+            while len(self._tenants) > self.limits.max_tenants:
+                _, old = self._tenants.popitem(last=False)
+                old.trie.clear()
+            return state
+
+    def tenant_names(self) -> list[str]:
+        with self._lock:
+            return list(self._tenants)
+
+    def drop_tenant(self, name: str) -> None:
+        """Forget everything about one tenant."""
+        check_name(name, "tenant")
+        with self._lock:
+            state = self._tenants.pop(name, None)
+            if state is None:
+                raise UnknownIdError(f"tenant: no tenant named {name!r} in this index")
+            state.trie.clear()
+
+    # ----------------------------------------------------------- request path
+    def match(self, tenant: str, preamble_key: int, wanted: Mapping[int, int]) -> CachedMatch:
+        """Longest cached prefix for a request whose blocks are the multiset ``wanted``."""
+        with self._lock:
+            return self.tenant(tenant).trie.match_cached(preamble_key, wanted)
+
+    def record(
+        self,
+        tenant: str,
+        preamble_key: int,
+        preamble_tokens: int,
+        blocks: Sequence[tuple[int, int]],
+    ) -> list[TrieNode]:
+        """Record that a prompt (preamble, then ``(key, tokens)`` blocks) was served."""
+        with self._lock:
+            state = self.tenant(tenant)
+            state.popularity.add(k for k, _ in blocks)
+            return state.trie.insert(preamble_key, preamble_tokens, blocks)
+
+    def record_many(
+        self,
+        tenant: str,
+        preamble_key: int,
+        preamble_tokens: int,
+        sequences: Iterable[Sequence[tuple[int, int]]],
+        block_counts: Mapping[int, int],
+    ) -> None:
+        """Record a whole batch: popularity from aggregated counts, the sequences in order."""
+        with self._lock:
+            state = self.tenant(tenant)
+            state.popularity.add_counts(block_counts)
+            for blocks in sequences:
+                state.trie.insert(preamble_key, preamble_tokens, blocks)
+
+    # ------------------------------------------------------------ engine side
+    def attach_engine(self, page_size: int) -> None:
+        """Switch to engine mode: cached state now comes only from page events."""
+        check_int(page_size, "page_size", minimum=1)
+        with self._lock:
+            self.page_size = page_size
+            for state in self._tenants.values():
+                state.trie.clear()
+                state.trie.engine_page_size = page_size
+            self._cached.clear()
+            self._owners.clear()
+            self._engine_keys.clear()
+
+    def bind(
+        self,
+        tenant: str,
+        preamble_key: int,
+        preamble_tokens: int,
+        blocks: Sequence[tuple[int, int]],
+        token_ends: Sequence[int],
+        page_keys: Sequence[Hashable],
+    ) -> list[TrieNode]:
+        """Tie a served prompt's nodes to the engine pages that hold its tokens.
+
+        ``token_ends[0]`` is the token offset where the preamble ends and
+        ``token_ends[i]`` where block ``i`` ends; ``page_keys`` are the
+        canonical keys of the prompt's full pages.  A page belongs to the node
+        whose span holds its last token.  Pages past the last block (the
+        ranking note and the query) are not bound.
+        """
+        page = self.page_size
+        if page is None:
+            raise RuntimeError("bind() needs an attached engine: call attach_engine(page_size) first")
+        if len(token_ends) != len(blocks) + 1:
+            raise ValueError(
+                f"token_ends has {len(token_ends)} entries; it needs one for the preamble plus one per block "
+                f"({len(blocks) + 1})"
+            )
+        prev = 0
+        for i, end in enumerate(token_ends):
+            if not isinstance(end, int) or end < prev:
+                raise ValueError(f"token_ends[{i}]: offsets must be non-decreasing ints, got {end!r}")
+            prev = end
+        with self._lock:
+            trie = self.tenant(tenant).trie
+            path = trie.insert(preamble_key, preamble_tokens, blocks, visit=False)
+            n_pages = len(page_keys)
+            j = 0
+            for node, end in zip(path, token_ends):
+                hi = min(end // page, n_pages)
+                pages = tuple(page_keys[j:hi]) if hi > j else ()
+                j = max(j, hi)
+                if node.pages != pages:
+                    self._rebind(node, pages)
+            return path
+
+    def _rebind(self, node: TrieNode, pages: tuple[Hashable, ...]) -> None:
+        if node.pages:
+            self._unbind(node)
+        node.pages = pages
+        owners = self._owners
+        cached = self._cached
+        lead = 0
+        counting = True
+        for idx, key in enumerate(pages):
+            owners.setdefault(key, []).append((node, idx))
+            if counting and key in cached:
+                lead += 1
+            else:
+                counting = False
+        node.lead_cached = lead
+
+    def _unbind(self, node: TrieNode) -> None:
+        owners = self._owners
+        for idx, key in enumerate(node.pages or ()):
+            lst = owners.get(key)
+            if not lst:
+                continue
+            for pos, (n, i) in enumerate(lst):
+                if n is node and i == idx:
+                    del lst[pos]
+                    break
+            if not lst:
+                del owners[key]
+
+    def pages_stored(self, keys: Iterable[Hashable]) -> None:
+        """Canonical pages entered the engine's cache (one call per copy)."""
+        with self._lock:
+            cached, owners = self._cached, self._owners
+            for key in keys:
+                refs = cached.get(key, 0)
+                cached[key] = refs + 1
+                if refs:
+                    continue
+                for node, idx in owners.get(key, ()):
+                    if idx == node.lead_cached:
+                        pages = node.pages
+                        assert pages is not None
+                        lead = idx + 1
+                        while lead < len(pages) and pages[lead] in cached:
+                            lead += 1
+                        node.lead_cached = lead
+
+    def pages_removed(self, keys: Iterable[Hashable]) -> None:
+        """Canonical pages left the engine's cache (one call per copy)."""
+        with self._lock:
+            cached, owners = self._cached, self._owners
+            for key in keys:
+                refs = cached.get(key)
+                if refs is None:
+                    continue
+                if refs > 1:
+                    cached[key] = refs - 1
+                    continue
+                del cached[key]
+                for node, idx in owners.get(key, ()):
+                    if idx < node.lead_cached:
+                        node.lead_cached = idx
+
+    def pages_cleared(self) -> None:
+        """The engine dropped its whole prefix cache."""
+        with self._lock:
+            self._cached.clear()
+            self._engine_keys.clear()
+            for lst in self._owners.values():
+                for node, _ in lst:
+                    node.lead_cached = 0
+
+    def on_block_stored(
+        self,
+        block_hashes: Sequence[Hashable],
+        parent_block_hash: Hashable | None,
+        token_ids: Sequence[int],
+        block_size: int,
+        salt: object = None,
+    ) -> None:
+        """An engine-style *stored* event: engine hashes, their parent hash and the pages' tokens.
+
+        The pages are re-keyed to canonical keys (see :mod:`.pages`) so the
+        request side can bind without knowing the engine's hash function.  A
+        parent the index never saw is counted in ``unknown_parent_events``
+        and the pages are skipped (they could never be matched anyway).
+        """
+        with self._lock:
+            if self.page_size is not None and block_size != self.page_size:
+                raise ValueError(f"block_size {block_size} differs from the attached page size {self.page_size}")
+            keys = self._engine_keys.store(block_hashes, parent_block_hash, token_ids, block_size, salt)
+            if keys is None:
+                self.unknown_parent_events += 1
+                return
+            self.pages_stored(keys)
+
+    def on_block_removed(self, block_hashes: Sequence[Hashable]) -> None:
+        """An engine-style *removed* event."""
+        with self._lock:
+            self.pages_removed(self._engine_keys.remove(block_hashes))
+
+    def on_all_blocks_cleared(self) -> None:
+        """An engine-style *all cleared* event."""
+        self.pages_cleared()
+
+    # ------------------------------------------------------------- inspection
+    def cached_pages(self) -> dict[Hashable, int]:
+        """Copy of the mirror: canonical page key -> cached copies."""
+        with self._lock:
+            return dict(self._cached)
+
+    def snapshot(self) -> dict:
+        """Canonical description of the whole index, for equality checks."""
+        with self._lock:
+            return {
+                "page_size": self.page_size,
+                "tenants": {
+                    name: {"trie": s.trie.snapshot(), "popularity": s.popularity.snapshot()}
+                    for name, s in self._tenants.items()
+                },
+                "cached": dict(self._cached),
+                "owners": {k: [(n.id, i) for n, i in v] for k, v in self._owners.items()},
+            }
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "tenants": len(self._tenants),
+                "nodes": sum(s.trie.node_count() for s in self._tenants.values()),
+                "modelled_cached_tokens": (
+                    None if self.page_size else sum(s.trie.cached_tokens for s in self._tenants.values())
+                ),
+                "engine_cached_pages": len(self._cached) if self.page_size else None,
+                "bound_pages": len(self._owners),
+                "page_size": self.page_size,
+            }

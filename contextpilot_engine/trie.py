@@ -1,0 +1,300 @@
+"""The prefix tree of one tenant: which block sequences were served, and which are cached.
+
+A path from the root spells a prompt: the first edge is the *preamble* (the
+fixed text in front of the blocks, e.g. the system instruction), every further
+edge is one block.  Nodes carry stable integer ids that are never reused, so a
+node can be named from outside (events, tests, logs) without positional paths
+that shift when a sibling is removed.
+
+Whether a node is cached is answered in one of two ways:
+
+* **model mode** (no engine attached): the trie *is* the cache model.  A node
+  exists exactly while it is cached; a token capacity is enforced by evicting
+  least-recently-used leaves, as a radix cache does.  Memory is therefore
+  bounded by the capacity.
+* **engine mode**: the engine decides.  Each node is bound to the engine pages
+  (token pages of ``page_size`` tokens) whose last token falls inside the
+  node's span, and counts how many of those pages, from its start, the engine
+  currently holds.  The counts are updated by the owning
+  :class:`~contextpilot_engine.index.ContextIndex` as page events arrive.  Node
+  count is bounded by ``max_nodes`` with the same LRU leaf rule.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+
+__all__ = ["TrieNode", "BlockTrie", "CachedMatch"]
+
+
+class TrieNode:
+    """One block (or the preamble) at one position of one served prefix."""
+
+    __slots__ = ("id", "parent", "key", "tokens", "children", "last_access", "visits", "pages", "lead_cached")
+
+    def __init__(self, node_id: int, parent: "TrieNode | None", key: int | None, tokens: int):
+        self.id = node_id
+        self.parent = parent
+        self.key = key
+        self.tokens = tokens
+        self.children: dict[int, TrieNode] = {}
+        self.last_access = 0
+        self.visits = 0
+        #: engine mode: keys of the pages ending inside this node's span, in order (None = not bound yet)
+        self.pages: tuple[Hashable, ...] | None = None
+        #: engine mode: how many of ``pages``, counted from the first, the engine holds
+        self.lead_cached = 0
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"TrieNode(id={self.id}, key={self.key}, tokens={self.tokens}, children={len(self.children)})"
+
+
+class CachedMatch:
+    """Result of a cached-prefix search: the matched block keys and the tokens they hit."""
+
+    __slots__ = ("keys", "hit_tokens", "node")
+
+    def __init__(self, keys: list[int], hit_tokens: int, node: TrieNode | None):
+        self.keys = keys
+        self.hit_tokens = hit_tokens
+        self.node = node
+
+
+class BlockTrie:
+    """Prefix tree of served block sequences for one tenant (see the module docstring)."""
+
+    #: nodes visited by one cached-prefix search before it settles for the best found so far
+    SEARCH_BUDGET = 4096
+
+    def __init__(
+        self,
+        new_id: Callable[[], int],
+        capacity_tokens: int,
+        max_nodes: int,
+        on_drop: Callable[[TrieNode], None] | None = None,
+    ):
+        self._new_id = new_id
+        self.capacity_tokens = capacity_tokens
+        self.max_nodes = max_nodes
+        self.engine_page_size: int | None = None  # set when an engine is attached
+        self._on_drop = on_drop
+        self.root = TrieNode(new_id(), None, None, 0)
+        self.nodes: dict[int, TrieNode] = {self.root.id: self.root}
+        self.cached_tokens = 0  # model mode: total tokens held by the modelled cache
+        self.tick = 0
+        self._lru: list[tuple[int, int]] = []  # (last_access, node id), lazily invalidated
+
+    # ------------------------------------------------------------------ state
+    @property
+    def engine_mode(self) -> bool:
+        return self.engine_page_size is not None
+
+    def node_count(self) -> int:
+        return len(self.nodes) - 1
+
+    def is_full(self, node: TrieNode) -> bool:
+        """Whether every token of ``node`` is cached (engine mode), or the node exists (model mode)."""
+        if self.engine_page_size is None:
+            return True
+        pages = node.pages
+        return pages is not None and node.lead_cached == len(pages)
+
+    # ----------------------------------------------------------------- search
+    def match_cached(self, preamble_key: int, wanted: Mapping[int, int]) -> CachedMatch:
+        """Longest cached prefix that can be spelled with the multiset ``wanted`` (key -> count).
+
+        The search explores every cached branch whose blocks are all in
+        ``wanted`` (a depth-first search, bounded by :attr:`SEARCH_BUDGET`
+        visited nodes) and returns the one with the most hit tokens; ties go
+        to the more visited end node, then the older node id, so the result
+        is deterministic.
+        """
+        top = self.root.children.get(preamble_key)
+        if top is None:
+            return CachedMatch([], 0, None)
+        page = self.engine_page_size
+        if page is None:
+            base = top.tokens
+        else:
+            if top.pages is None:
+                return CachedMatch([], 0, None)
+            base = top.lead_cached * page
+            if not self.is_full(top):
+                return CachedMatch([], base, top)
+        remaining = dict(wanted)
+        best_score = (base, 0, 0)
+        best_node, best_keys = top, []
+        budget = self.SEARCH_BUDGET
+        path: list[int] = []
+        # iterative DFS: stack of (node, hit so far, iterator over candidate children)
+        stack: list[tuple[TrieNode, int, Iterator[TrieNode]]] = [(top, base, self._candidates(top, remaining))]
+        while stack and budget > 0:
+            node, hit, it = stack[-1]
+            child = next(it, None)
+            if child is None:
+                stack.pop()
+                if path:
+                    k = path.pop()
+                    remaining[k] = remaining.get(k, 0) + 1
+                continue
+            budget -= 1
+            if page is None:
+                full, child_hit = True, hit + child.tokens
+            else:
+                pages = child.pages
+                if pages is None:
+                    continue
+                full = child.lead_cached == len(pages)
+                child_hit = hit + child.lead_cached * page
+            score = (child_hit, child.visits, -child.id)
+            if child_hit > base and score > best_score:
+                best_score, best_node, best_keys = score, child, path + [child.key]
+            if full:
+                k = child.key
+                c = remaining[k] - 1
+                if c:
+                    remaining[k] = c
+                else:
+                    del remaining[k]
+                path.append(k)
+                stack.append((child, child_hit, self._candidates(child, remaining)))
+        return CachedMatch(best_keys, best_score[0], best_node)
+
+    @staticmethod
+    def _candidates(node: TrieNode, remaining: Mapping[int, int]) -> Iterator[TrieNode]:
+        children = node.children
+        if not children or not remaining:
+            return iter(())
+        if len(children) <= len(remaining):
+            found = [c for k, c in children.items() if k in remaining]
+        else:
+            found = [c for c in (children.get(k) for k in remaining) if c is not None]
+        found.sort(key=lambda c: c.id)  # deterministic exploration order
+        return iter(found)
+
+    # ---------------------------------------------------------------- updates
+    def insert(
+        self,
+        preamble_key: int,
+        preamble_tokens: int,
+        blocks: Sequence[tuple[int, int]],
+        visit: bool = True,
+    ) -> list[TrieNode]:
+        """Record a served sequence (preamble, then ``(key, tokens)`` blocks) and mark it used now.
+
+        Returns the nodes of the path, preamble first.  ``visit`` counts the
+        path as one more request (False when the same request is only being
+        bound to engine pages).  In model mode the
+        whole path becomes cached and the capacity is enforced afterwards (the
+        path just served is the most recently used, so it is evicted last).
+        """
+        self.tick += 1
+        tick = self.tick
+        node = self.root
+        path: list[TrieNode] = []
+        for key, tokens in ((preamble_key, preamble_tokens), *blocks):
+            child = node.children.get(key)
+            if child is None:
+                child = TrieNode(self._new_id(), node, key, tokens)
+                node.children[key] = child
+                self.nodes[child.id] = child
+                self.cached_tokens += tokens
+            child.last_access = tick
+            if visit:
+                child.visits += 1
+            path.append(child)
+            node = child
+        heapq.heappush(self._lru, (tick, node.id))
+        self._enforce_bounds(protect=node)
+        return path
+
+    def remove_subtree(self, node: TrieNode) -> int:
+        """Drop ``node`` and everything below it; returns the number of nodes removed."""
+        if node is self.root:
+            raise ValueError("the root cannot be removed")
+        parent = node.parent
+        assert parent is not None
+        del parent.children[node.key]  # type: ignore[arg-type]
+        removed = 0
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            self._forget(n)
+            removed += 1
+        self._push_if_leaf(parent)
+        return removed
+
+    def clear(self) -> None:
+        for child in list(self.root.children.values()):
+            self.remove_subtree(child)
+        self._lru.clear()
+
+    def _forget(self, node: TrieNode) -> None:
+        del self.nodes[node.id]
+        self.cached_tokens -= node.tokens
+        if self._on_drop is not None and node.pages:
+            self._on_drop(node)
+        node.children = {}
+        node.parent = None
+
+    def _push_if_leaf(self, node: TrieNode) -> None:
+        if node is not self.root and not node.children:
+            heapq.heappush(self._lru, (node.last_access, node.id))
+
+    def _enforce_bounds(self, protect: TrieNode | None = None) -> None:
+        over_capacity = self.engine_page_size is None and self.cached_tokens > self.capacity_tokens
+        if not over_capacity and len(self.nodes) - 1 <= self.max_nodes:
+            return
+        heap = self._lru
+        nodes = self.nodes
+        deferred: list[tuple[int, int]] = []
+        while heap and (
+            (self.engine_page_size is None and self.cached_tokens > self.capacity_tokens)
+            or len(nodes) - 1 > self.max_nodes
+        ):
+            stamp, node_id = heapq.heappop(heap)
+            node = nodes.get(node_id)
+            if node is None or node.children or node.last_access != stamp:
+                continue  # stale entry
+            if node is protect:  # the path just served is evicted last
+                deferred.append((stamp, node_id))
+                continue
+            self.remove_subtree(node)
+        for entry in deferred:
+            heapq.heappush(heap, entry)
+        if len(heap) > 4 * len(nodes) + 1024:
+            self._rebuild_lru()
+
+    def _rebuild_lru(self) -> None:
+        self._lru = [(n.last_access, n.id) for n in self.nodes.values() if n is not self.root and not n.children]
+        heapq.heapify(self._lru)
+
+    # ------------------------------------------------------------- inspection
+    def path_keys(self, node: TrieNode) -> list[int]:
+        keys: list[int] = []
+        n: TrieNode | None = node
+        while n is not None and n is not self.root:
+            keys.append(n.key)  # type: ignore[arg-type]
+            n = n.parent
+        keys.reverse()
+        return keys
+
+    def snapshot(self) -> list[tuple]:
+        """Canonical description of the trie (for equality checks in tests)."""
+        out = []
+        for node in sorted(self.nodes.values(), key=lambda n: n.id):
+            out.append(
+                (
+                    node.id,
+                    None if node.parent is None else node.parent.id,
+                    node.key,
+                    node.tokens,
+                    node.visits,
+                    node.last_access,
+                    node.pages,
+                    node.lead_cached,
+                )
+            )
+        return out
