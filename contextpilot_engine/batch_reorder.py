@@ -1,0 +1,157 @@
+"""Offline reorder of a whole batch: per-context block orders plus an execution order.
+
+Finding the orders that minimise the batch's prefix tree is NP-hard (Comer
+and Sethi's minimum-trie results), so two fast greedy strategies run side by
+side and the one whose tree saves more tokens wins:
+
+* :func:`.merge_tree.merge_tree`: clusters contexts bottom-up by shared
+  cores (strong on topical batches);
+* :func:`.level_greedy.level_greedy`: grows the tree top-down by group
+  popularity (strong when a few blocks are in almost every context); when
+  several strategies are configured it is skipped above
+  ``LEVEL_GREEDY_MAX_CONTEXTS`` contexts, where it never won.
+
+Both are near-linear; neither looks at all pairs.  Contexts may come with a
+fixed *prefix* (input positions that must come first, e.g. the blocks the
+engine still holds from an earlier request): those contexts start in a group
+of their own, keyed by the prefix, and only share further inside that group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .blocks import Block
+from .candidates import CandidateConfig, candidate_pairs
+from .interning import InternedBatch, intern_batch
+from .kernels import OverlapBackend
+from .level_greedy import level_greedy
+from .merge_tree import merge_tree
+from .schedule import prefix_reuse
+
+__all__ = ["BatchPlan", "plan_batch", "STRATEGIES"]
+
+STRATEGIES = ("merge_tree", "level_greedy")
+#: the level greedy is skipped above this many contexts: at that size it never won a benchmark
+#: workload (the merge tree shared about twice as much) and it costs a fifth of the planning time
+LEVEL_GREEDY_MAX_CONTEXTS = 50_000
+
+
+@dataclass
+class BatchPlan:
+    """Result of :func:`plan_batch`."""
+
+    batch: InternedBatch
+    orders: list[list[int]]  # orders[c][j]: input position of the block placed j-th in context c
+    sequence: np.ndarray  # flat CSR item sequence of the chosen orders
+    dfs_order: list[int]  # contexts in lexicographic (depth-first) order
+    strategy: str
+    reuse_tokens: int  # tokens the batch's prefix tree shares (infinite cache, block granularity)
+    reuse_by_strategy: dict
+
+
+def _split_prefixes(batch: InternedBatch, prefixes: Sequence[Sequence[int]] | None):
+    """Fixed-prefix mask over flat positions and the starting group of every context."""
+    n = batch.n_contexts
+    fixed = np.zeros(len(batch.items), dtype=bool)
+    group = np.zeros(n, dtype=np.int64)
+    rank = np.zeros(len(batch.items), dtype=np.int64)  # order of fixed positions inside their prefix
+    if prefixes is None:
+        return fixed, group, rank
+    seen: dict[tuple, int] = {(): 0}
+    for c, pre in enumerate(prefixes):
+        if not pre:
+            continue
+        idx = batch.starts[c] + np.asarray(pre, dtype=np.int64)
+        fixed[idx] = True
+        rank[idx] = np.arange(len(pre))
+        group[c] = seen.setdefault(tuple(batch.items[idx].tolist()), len(seen))
+    return fixed, group, rank
+
+
+def plan_batch(
+    contexts: Sequence[Sequence[Block]],
+    prefixes: Sequence[Sequence[int]] | None = None,
+    backend: OverlapBackend | None = None,
+    strategies: Sequence[str] = STRATEGIES,
+    candidates: CandidateConfig = CandidateConfig(),
+) -> BatchPlan:
+    """Plan orders for ``contexts``; ``prefixes[c]`` optionally fixes input positions to go first.
+
+    The contexts are first put in a canonical order (by their block sets), so
+    the plan does not depend on the order the batch arrived in.
+    """
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ValueError(f"strategies: unknown {unknown or 'empty list'}; choose from {STRATEGIES}")
+    original = intern_batch(contexts)
+    canon = original.canonical_order()
+    batch = original.permuted(canon)
+    if prefixes is not None:
+        prefixes = [prefixes[c] for c in canon.tolist()]
+    plan = _plan_interned(batch, prefixes, backend, strategies, candidates)
+    # back to the caller's context numbering
+    back = canon.tolist()
+    orders: list[list[int]] = [[] for _ in back]
+    for new, old in enumerate(back):
+        orders[old] = plan.orders[new]
+    plan.orders = orders
+    plan.dfs_order = [back[c] for c in plan.dfs_order]
+    plan.sequence = plan.sequence[batch.gather(np.argsort(canon))]
+    plan.batch = original
+    return plan
+
+
+def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPlan:
+    n = batch.n_contexts
+    ctx = batch.context_of()
+    fixed, group, fixed_rank = _split_prefixes(batch, prefixes)
+    free = ~fixed
+    r_lengths = np.bincount(ctx[free], minlength=n).astype(np.int64)
+    r_starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(r_lengths, out=r_starts[1:])
+    r_items = batch.items[free]
+
+    if n > LEVEL_GREEDY_MAX_CONTEXTS and len(strategies) > 1:
+        strategies = [s for s in strategies if s != "level_greedy"]
+    results: dict[str, np.ndarray] = {}
+    for name in strategies:
+        if name == "merge_tree":
+            left, right, _ = candidate_pairs(r_lengths, r_items, batch.weights, group, candidates, backend)
+            r_seq = merge_tree(r_lengths, r_starts, r_items, batch.weights, left, right, backend)
+        else:
+            r_seq = level_greedy(r_lengths, r_starts, r_items, batch.weights, group)
+        # full sequence: fixed prefix (in its given order), then the strategy's order
+        part = np.concatenate([np.zeros(int(fixed.sum()), np.int64), np.ones(len(r_seq), np.int64)])
+        owner = np.concatenate([ctx[fixed], ctx[free]])
+        within = np.concatenate([fixed_rank[fixed], np.arange(len(r_seq), dtype=np.int64)])
+        values = np.concatenate([batch.items[fixed], r_seq])
+        results[name] = values[np.lexsort((within, part, owner))]
+
+    scored = {}
+    for name, seq in results.items():
+        scored[name] = prefix_reuse(batch.lengths, batch.starts, seq, batch.weights)
+    best = max(strategies, key=lambda s: (scored[s][0], -strategies.index(s)))
+    seq = results[best]
+    reuse, order = scored[best]
+
+    # positions: item -> input position inside each context (items are distinct within a context)
+    n_items = max(1, batch.n_items)
+    original = ctx * n_items + batch.items
+    sort_idx = np.argsort(original, kind="stable")
+    found = sort_idx[np.searchsorted(original[sort_idx], ctx * n_items + seq)]
+    positions = (found - batch.starts[ctx]).tolist()
+    bounds = batch.starts.tolist()
+    orders = [positions[bounds[c] : bounds[c + 1]] for c in range(n)]
+    return BatchPlan(
+        batch=batch,
+        orders=orders,
+        sequence=seq,
+        dfs_order=order.tolist(),
+        strategy=best,
+        reuse_tokens=reuse,
+        reuse_by_strategy={k: v[0] for k, v in scored.items()},
+    )

@@ -1,0 +1,83 @@
+"""Batch reorder strategy 1: grow the prefix tree top down, one level at a time.
+
+Every context belongs to a *group*, the contexts whose placed blocks so far
+are identical (one node of the tree being built).  At each level every
+context picks, among its unplaced items, the one with the highest
+``(copies in its group - 1) * tokens``: the tokens that putting it next would
+share with the rest of its group; ties go to the more popular item.  Contexts
+that picked the same item form a child group.  A context whose best item is
+shared with nobody, or that is alone in its group, stops, and its remaining
+items follow in popularity order.
+
+Each level is one sort and a few segmented reductions over the (context,
+item) pairs still in play; pairs leave as soon as their context stops, so the
+cost is near ``total_items * log``.  The greedy is myopic: it lets globally
+popular blocks split topic clusters, which is why :mod:`.merge_tree` usually
+wins on clustered batches; :mod:`.batch_reorder` runs both and keeps the
+better tree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["level_greedy"]
+
+
+def level_greedy(
+    lengths: np.ndarray, starts: np.ndarray, items: np.ndarray, weights: np.ndarray, group0: np.ndarray
+) -> np.ndarray:
+    """Flat sequence (CSR layout like ``items``) of every context's new item order."""
+    n = len(lengths)
+    n_items = max(1, len(weights))
+    ctx = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    flat = np.arange(len(items), dtype=np.int64)
+    group = group0.astype(np.int64, copy=True)
+    step = np.full(len(items), -1, dtype=np.int64)  # level at which each position was placed
+
+    sizes = np.bincount(group, minlength=int(group.max()) + 1 if n else 1)
+    keep = (sizes[group] > 1)[ctx]
+    live_ctx, live_item, live_flat = ctx[keep], items[keep], flat[keep]
+
+    level = 0
+    while len(live_ctx):
+        g = group[live_ctx]
+        _, inverse, cnt = np.unique(g * n_items + live_item, return_inverse=True, return_counts=True)
+        score = (cnt[inverse] - 1) * weights[live_item]
+        comp = score * n_items + (n_items - 1 - live_item)
+        seg = np.flatnonzero(np.r_[True, live_ctx[1:] != live_ctx[:-1]])
+        best = np.maximum.reduceat(comp, seg)
+        sharing = best // n_items > 0
+        go_ctx = live_ctx[seg][sharing]
+        if len(go_ctx) == 0:
+            break
+        go_item = (n_items - 1 - best % n_items)[sharing]
+        pick_of = np.full(n, -1, dtype=np.int64)
+        pick_of[go_ctx] = go_item
+        picked = pick_of[live_ctx] == live_item
+        step[live_flat[picked]] = level
+        level += 1
+        _, child = np.unique(group[go_ctx] * n_items + go_item, return_inverse=True)
+        child_sizes = np.bincount(child)
+        group[go_ctx] = child + int(group.max()) + 1
+        still = np.zeros(n, dtype=bool)
+        still[go_ctx] = child_sizes[child] > 1
+        keep = still[live_ctx] & ~picked
+        live_ctx, live_item, live_flat = live_ctx[keep], live_item[keep], live_flat[keep]
+        # a group of two can only go on sharing their common items: place them all now
+        pair = np.zeros(n, dtype=bool)
+        pair[go_ctx] = child_sizes[child] == 2
+        in_pair = pair[live_ctx]
+        if in_pair.any():
+            pg, pi = group[live_ctx[in_pair]], live_item[in_pair]
+            _, inv, cnt = np.unique(pg * n_items + pi, return_inverse=True, return_counts=True)
+            common = cnt[inv] == 2
+            step[live_flat[in_pair][common]] = level
+            level += 1
+            live_ctx, live_item, live_flat = live_ctx[~in_pair], live_item[~in_pair], live_flat[~in_pair]
+
+    # placed items by level (ties by popularity), then the rest by popularity, inside each context
+    placed = step >= 0
+    key2 = np.where(placed, step, level) * n_items + items
+    order = np.lexsort((key2, ctx))
+    return items[order]
