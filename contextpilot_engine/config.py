@@ -1,0 +1,123 @@
+"""Every tunable of contextpilot-engine in one validated record.
+
+The same record is built from keyword arguments (library), from a dict (the
+engines' ``additional_config={"contextpilot": {...}}``) or from command-line
+flags (``--contextpilot-capacity-tokens`` ...), so an option means the same
+thing everywhere and an unknown or ill-typed option is rejected by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from .index import IndexLimits
+
+__all__ = ["PilotConfig", "DEFAULT_HINT", "DEFAULT_CHUNK_HINT"]
+
+#: replaces a whole block already sent earlier in the conversation
+DEFAULT_HINT = "[Document {doc_id} was already provided in turn {turn} as document [{position}]; refer to it there.]"
+#: replaces a run of text inside a long block that already appeared earlier in the conversation
+DEFAULT_CHUNK_HINT = "[... {words} words identical to turn {turn}, document [{position}] ...]"
+
+
+@dataclass(frozen=True)
+class PilotConfig:
+    # ---- index bounds (meanings and defaults: IndexLimits)
+    capacity_tokens: int = IndexLimits.capacity_tokens
+    max_nodes: int = IndexLimits.max_nodes
+    max_tenants: int = IndexLimits.max_tenants
+    max_tracked_blocks: int = IndexLimits.max_tracked_blocks
+    # ---- input limits
+    max_blocks_per_context: int = 4096
+    # ---- scheduling: a request runs at most this many positions after its arrival (None: no bound)
+    max_delay: int | None = 1024
+    # ---- deduplication
+    hint_template: str = DEFAULT_HINT
+    chunk_hint_template: str = DEFAULT_CHUNK_HINT
+    #: blocks with at least this many tokens are also deduplicated chunk by chunk
+    chunk_min_tokens: int = 256
+    #: average chunk size of the content-defined chunking, in words
+    chunk_target_words: int = 48
+    max_conversations: int = 10_000
+    #: blocks and chunks remembered per conversation (oldest turns forgotten first)
+    max_conversation_entries: int = 50_000
+    # ---- offline reorder strategies tried (the best tree wins)
+    strategies: tuple[str, ...] = ("merge_tree", "level_greedy")
+    # ---- prompt
+    instruction: str = "Answer the question using the documents below."
+    tenant: str = "default"
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        d = self.max_delay
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 0):
+            raise ValueError(f"max_delay: expected an int >= 0 or None, got {d!r}")
+        from .batch_reorder import STRATEGIES
+
+        strategies = self.strategies
+        if isinstance(strategies, list):
+            strategies = tuple(strategies)
+            object.__setattr__(self, "strategies", strategies)
+        if not isinstance(strategies, tuple) or not strategies or any(s not in STRATEGIES for s in strategies):
+            raise ValueError(f"strategies: expected a non-empty list from {list(STRATEGIES)}, got {strategies!r}")
+        for name in ("instruction", "tenant", "hint_template", "chunk_hint_template"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
+        for name in ("hint_template", "chunk_hint_template"):
+            _check_template(name, getattr(self, name))
+
+    @property
+    def index_limits(self) -> IndexLimits:
+        return IndexLimits(self.capacity_tokens, self.max_nodes, self.max_tenants, self.max_tracked_blocks)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "PilotConfig":
+        """Build from a plain dict (engine config); unknown keys are an error naming them."""
+        if values is None:
+            return cls()
+        if not isinstance(values, Mapping):
+            raise TypeError(f"contextpilot config: expected a dict, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"contextpilot config: unknown option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["strategies"] = list(self.strategies)
+        return out
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in fields(cls)}
+
+
+_POSITIVE_INTS = (
+    "capacity_tokens",
+    "max_nodes",
+    "max_tenants",
+    "max_tracked_blocks",
+    "max_blocks_per_context",
+    "chunk_min_tokens",
+    "chunk_target_words",
+    "max_conversations",
+    "max_conversation_entries",
+)
+
+_TEMPLATE_FIELDS = {"doc_id": "d", "turn": 1, "position": 1, "words": 1, "hash": "h"}
+
+
+def _check_template(name: str, template: str) -> None:
+    try:
+        template.format(**_TEMPLATE_FIELDS)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"{name}: invalid template {template!r} ({exc.__class__.__name__}: {exc}); "
+            f"it may use the fields {sorted(_TEMPLATE_FIELDS)}"
+        ) from None

@@ -1,0 +1,49 @@
+"""Online reorder: one request at a time, against what the cache holds right now.
+
+1. The longest cached prefix first.  The tenant's prefix tree is searched for
+   the cached path spelled by the request's blocks that hits the most tokens
+   (:meth:`.trie.BlockTrie.match_cached`); those blocks go first, in the
+   cached order, so the engine reuses their KV.
+2. Then the rest in *canonical popularity order*: most requested blocks first
+   (per tenant), then longer blocks, then by content hash.  Two later
+   requests that share popular blocks therefore spell the same prefix, even
+   before either is cached, which is what lets the next request reuse this
+   one.
+
+Repeated blocks are kept (a multiset): each copy is placed once, so the
+result is always a permutation of the input.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict, deque
+from typing import Sequence
+
+from .blocks import Block
+from .index import ContextIndex
+
+__all__ = ["order_online", "canonical_order", "cached_prefix"]
+
+
+def canonical_order(blocks: Sequence[Block], indices: Sequence[int], popularity) -> list[int]:
+    """``indices`` sorted by (popularity desc, tokens desc, key); stable for equal blocks."""
+    count = popularity.count
+    return sorted(indices, key=lambda i: (-count(blocks[i].key), -blocks[i].tokens, blocks[i].key, i))
+
+
+def cached_prefix(
+    index: ContextIndex, tenant: str, preamble_key: int, blocks: Sequence[Block]
+) -> tuple[list[int], list[int], int]:
+    """Input indices of the longest cached prefix (in cached order), the other indices, and its hit tokens."""
+    match = index.match(tenant, preamble_key, Counter(b.key for b in blocks))
+    slots: dict[int, deque[int]] = defaultdict(deque)
+    for i, b in enumerate(blocks):
+        slots[b.key].append(i)
+    prefix = [slots[k].popleft() for k in match.keys]
+    return prefix, [i for q in slots.values() for i in q], match.hit_tokens
+
+
+def order_online(index: ContextIndex, tenant: str, preamble_key: int, blocks: Sequence[Block]) -> tuple[list[int], int]:
+    """New order of ``blocks`` (input indices) and the tokens the cached prefix should hit."""
+    prefix, rest, hit = cached_prefix(index, tenant, preamble_key, blocks)
+    return prefix + canonical_order(blocks, rest, index.tenant(tenant).popularity), hit

@@ -1,0 +1,374 @@
+"""The public entry point: ``ContextPilot`` with the reference API.
+
+``optimize`` (online, one request), ``optimize_batch`` (offline, a whole
+batch), ``reorder`` (orders only) and ``deduplicate`` (conversation dedup)
+have the reference README's names, arguments and return shapes, so a caller
+switches by changing the import.  Differences a caller can notice are
+deliberate and documented on each method: outputs are always permutations
+of the inputs (repeated blocks are kept), hints never contain block text, and
+every call validates all input before it changes any state.
+
+State (prefix trees, popularity, conversations) is per *tenant*; the default
+tenant comes from the config and every method takes ``tenant=`` to override
+it.  One instance is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+from .batch_reorder import plan_batch
+from .blocks import Block, estimate_tokens
+from .candidates import CandidateConfig
+from .config import PilotConfig
+from .dedup import ConversationStore, TurnPlan
+from .index import ContextIndex
+from .kernels import OverlapBackend, select_backend
+from .online_reorder import cached_prefix, order_online
+from .prompts import Preamble, PromptLayout, position_labels, render_messages
+from .schedule import apply_aging_bound
+from .validation import (
+    check_int,
+    check_name,
+    check_optional_str,
+    check_query,
+    parse_context,
+    parse_contexts,
+    parse_queries,
+)
+
+__all__ = ["ContextPilot"]
+
+
+class ContextPilot:
+    """Reorders and deduplicates context blocks for prefix-cache reuse.
+
+    Args:
+        alpha, linkage_method, batch_size: accepted for compatibility with the
+            reference constructor and ignored (they tune its all-pairs
+            clustering, which this implementation does not use).
+        use_gpu: run the overlap kernel as Triton on a CUDA GPU.  Without a
+            usable GPU a warning is logged once and the numpy path is used
+            (pass ``strict_gpu=True`` to get an error instead).
+        tokenizer: a callable ``text -> token count`` or an object with
+            ``encode`` (a Hugging Face tokenizer).  Default: a fast estimate.
+        config: a :class:`PilotConfig`; keyword arguments not listed here are
+            forwarded to it (for example ``capacity_tokens=...``).
+        index: share an existing :class:`ContextIndex` (an engine plugin's).
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.001,
+        use_gpu: bool = False,
+        linkage_method: str = "average",
+        batch_size: int = 10000,
+        *,
+        tokenizer: Any = None,
+        config: PilotConfig | None = None,
+        index: ContextIndex | None = None,
+        strict_gpu: bool = False,
+        **options: Any,
+    ):
+        if not isinstance(use_gpu, bool):
+            raise TypeError(f"use_gpu: expected bool, got {type(use_gpu).__name__}")
+        if config is not None and options:
+            raise TypeError("pass either config= or individual options, not both")
+        self.config = config or PilotConfig(**options)
+        self.count_tokens = _token_counter(tokenizer)
+        self.backend: OverlapBackend = select_backend(use_gpu, strict=strict_gpu)
+        self.index = index or ContextIndex(self.config.index_limits)
+        self.conversations = self._new_conversations()
+        self.layout = PromptLayout(self.config.instruction)
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------- helpers
+    def _new_conversations(self) -> ConversationStore:
+        cfg = self.config
+        return ConversationStore(
+            cfg.max_conversations,
+            cfg.max_conversation_entries,
+            cfg.hint_template,
+            cfg.chunk_hint_template,
+            cfg.chunk_min_tokens,
+            cfg.chunk_target_words,
+        )
+
+    def _tenant(self, tenant: str | None) -> str:
+        return self.config.tenant if tenant is None else check_name(tenant, "tenant")  # type: ignore[return-value]
+
+    def _preamble(self, system_instruction: str | None) -> Preamble:
+        return self.layout.preamble(system_instruction, self.count_tokens)
+
+    # -------------------------------------------------------------- online
+    def optimize(
+        self,
+        docs: Sequence[Any],
+        query: str,
+        *,
+        conversation_id: str | None = None,
+        system_instruction: str | None = None,
+        tenant: str | None = None,
+    ) -> list[dict]:
+        """Reorder ``docs`` against the live index and return ``[system, user]`` messages.
+
+        The cached (or most shareable) blocks come first; an importance
+        ranking after the blocks restates the retrieval order.  With a
+        ``conversation_id``, blocks already sent earlier in that conversation
+        are replaced by reference hints (placed after the blocks).
+        """
+        messages, _ = self.optimize_with_report(
+            docs, query, conversation_id=conversation_id, system_instruction=system_instruction, tenant=tenant
+        )
+        return messages
+
+    def optimize_with_report(
+        self,
+        docs: Sequence[Any],
+        query: str,
+        *,
+        conversation_id: str | None = None,
+        system_instruction: str | None = None,
+        tenant: str | None = None,
+    ) -> tuple[list[dict], dict]:
+        """:meth:`optimize`, plus a report of what was done (blocks moved, tokens saved, expected hits)."""
+        blocks = parse_context(docs, "docs", self.count_tokens, self.config.max_blocks_per_context)
+        check_query(query, "query")
+        cid = check_name(conversation_id, "conversation_id", allow_none=True)
+        check_optional_str(system_instruction, "system_instruction")
+        name = self._tenant(tenant)
+        with self._lock:
+            plan = self.conversations.check(name, cid, blocks, self.count_tokens) if cid else None
+            messages, report = self._serve_one(name, blocks, query, system_instruction, plan)
+        return messages, report
+
+    def _serve_one(self, tenant, blocks, query, system_instruction, plan: TurnPlan | None):
+        preamble = self._preamble(system_instruction)
+        if plan is None:
+            sent_idx = list(range(len(blocks)))
+            sent = list(blocks)
+        else:
+            sent_idx = [i for i, f in enumerate(plan.fates) if f.kind != "repeat"]
+            sent = [plan.fates[i].block for i in sent_idx]
+        order, expected_hit = order_online(self.index, tenant, preamble.key, sent) if sent else ([], 0)
+        ordered = [sent[j] for j in order]
+        position_of = {sent_idx[j]: pos + 1 for pos, j in enumerate(order)}
+        relevance, hints = [], []
+        for i in range(len(blocks)):
+            if i in position_of:
+                relevance.append(f"[{position_of[i]}]")
+            else:
+                fate = plan.fates[i]  # type: ignore[union-attr]
+                hints.append(fate.hint)
+                relevance.append(f"(hint {len(hints)})")
+        if hints:
+            hints = [f"(hint {k + 1}) {h}" for k, h in enumerate(hints)]
+        messages = render_messages(self.layout, preamble, ordered, relevance, query, hints)
+        if ordered:
+            self.index.record(tenant, preamble.key, preamble.tokens, [(b.key, b.tokens) for b in ordered])
+        if plan is not None:
+            originals = [(blocks[sent_idx[j]], pos + 1) for pos, j in enumerate(order)]
+            self.conversations.commit(tenant, plan.conversation_id, originals)
+        moved = sum(1 for pos, j in enumerate(order) if j != pos)
+        report = {
+            "blocks": len(blocks),
+            "blocks_moved": moved,
+            "blocks_deduplicated": len(blocks) - len(sent),
+            "tokens_saved_by_dedup": plan.tokens_saved if plan else 0,
+            "expected_cached_tokens": expected_hit,
+            "order": [sent_idx[j] for j in order],
+        }
+        return messages, report
+
+    # ------------------------------------------------------------- offline
+    def optimize_batch(
+        self,
+        all_docs: Sequence[Sequence[Any]],
+        all_queries: Sequence[str],
+        *,
+        system_instruction: str | None = None,
+        tenant: str | None = None,
+    ) -> tuple[list[list[dict]], list[int]]:
+        """Reorder a whole batch and schedule it; ``messages_batch[i]`` answers ``all_queries[order[i]]``."""
+        batch, _ = parse_contexts(
+            all_docs, "all_docs", self.count_tokens, self.config.max_blocks_per_context, allow_single=False
+        )
+        queries = parse_queries(all_queries, "all_queries", len(batch), "all_docs")
+        check_optional_str(system_instruction, "system_instruction")
+        name = self._tenant(tenant)
+        with self._lock:
+            preamble = self._preamble(system_instruction)
+            orders, schedule = self._plan(name, batch, preamble, 0)
+        layout = self.layout
+        messages = []
+        for c in schedule:
+            blocks, order = batch[c], orders[c]
+            ordered = [blocks[j] for j in order]
+            messages.append(render_messages(layout, preamble, ordered, position_labels(order), queries[c]))
+        return messages, schedule
+
+    def reorder(
+        self,
+        contexts: Sequence[Any],
+        initial_tokens_per_context: int = 0,
+        conversation_id: str | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> tuple[list[list[Any]], list[int]]:
+        """Reorder one context or a batch; returns ``(reordered_contexts, order)``.
+
+        ``reordered_contexts[i]`` is ``contexts[order[i]]`` with its blocks in
+        the new order (the caller's own objects), listed in execution order.
+        A single flat list of blocks is a batch of one.
+        ``initial_tokens_per_context`` counts tokens the caller places before
+        the blocks (its own system prompt).  With ``conversation_id`` the
+        blocks are recorded as sent in that conversation, so a later
+        :meth:`deduplicate` recognises them.
+        """
+        batch, _ = parse_contexts(contexts, "contexts", self.count_tokens, self.config.max_blocks_per_context)
+        check_int(initial_tokens_per_context, "initial_tokens_per_context", minimum=0)
+        cid = check_name(conversation_id, "conversation_id", allow_none=True)
+        name = self._tenant(tenant)
+        with self._lock:
+            preamble = self._preamble(None)
+            orders, schedule = self._plan(name, batch, preamble, initial_tokens_per_context)
+            if cid:
+                for c in schedule:
+                    self.conversations.commit(name, cid, [(batch[c][j], p + 1) for p, j in enumerate(orders[c])])
+        return [[batch[c][j].source for j in orders[c]] for c in schedule], schedule
+
+    def _plan(self, tenant: str, batch: list[list[Block]], preamble: Preamble, extra_tokens: int):
+        """Block orders and execution order for a batch; records what the cache will hold."""
+        prefixes = None
+        if self.index.tenant(tenant).trie.node_count():
+            prefixes = [cached_prefix(self.index, tenant, preamble.key, blocks)[0] for blocks in batch]
+        plan = plan_batch(
+            batch,
+            prefixes,
+            self.backend,
+            self.config.strategies,
+            CandidateConfig.for_batch(len(batch)),
+        )
+        schedule = apply_aging_bound(plan.dfs_order, self.config.max_delay)
+        self._record_batch(tenant, batch, plan, schedule, preamble, extra_tokens)
+        return plan.orders, schedule
+
+    def _record_batch(self, tenant, batch, plan, schedule, preamble: Preamble, extra_tokens: int) -> None:
+        """Feed the index: popularity of the whole batch, and the prompts the cache ends up holding.
+
+        In model mode only the last prompts of the schedule whose tokens fit
+        the capacity can still be cached after the batch, so only those are
+        inserted (in execution order); earlier ones would be evicted anyway.
+        """
+        counts: Counter = Counter()
+        for key, count in zip(plan.batch.keys, plan.batch.counts.tolist()):
+            counts[key if isinstance(key, int) else key[0]] += count
+        orders = plan.orders
+        budget = self.config.capacity_tokens
+        tail: list[int] = []
+        for c in reversed(schedule):
+            tail.append(c)
+            budget -= sum(b.tokens for b in batch[c])
+            if budget <= 0 or len(tail) >= self.config.max_nodes:
+                break
+        sequences = ([(batch[c][j].key, batch[c][j].tokens) for j in orders[c]] for c in reversed(tail))
+        self.index.record_many(tenant, preamble.key, preamble.tokens + extra_tokens, sequences, counts)
+
+    # --------------------------------------------------------------- dedup
+    def deduplicate(
+        self,
+        contexts: Sequence[Any],
+        conversation_id: str,
+        hint_template: str | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> list[dict]:
+        """Deduplicate each context (one turn each, in order) against the conversation so far.
+
+        Returns one dict per context:
+
+        * ``new_docs``: blocks to send (the caller's objects; a long block
+          with repeated chunks comes back as its rewritten text),
+        * ``overlapping_docs``: blocks already sent earlier, and
+          ``reference_hints``: the hint replacing each of them,
+        * ``deduplicated_docs``: the context in its original order with
+          repeats replaced by their hints, ready to send,
+        * ``turn`` and ``tokens_saved``.
+        """
+        batch, _ = parse_contexts(contexts, "contexts", self.count_tokens, self.config.max_blocks_per_context)
+        cid = check_name(conversation_id, "conversation_id")
+        if hint_template is not None:
+            check_optional_str(hint_template, "hint_template")
+            PilotConfig(hint_template=hint_template)  # validates the template's fields
+        name = self._tenant(tenant)
+        results = []
+        with self._lock:
+            for blocks in batch:
+                plan = self.conversations.check(name, cid, blocks, self.count_tokens, hint_template)  # type: ignore[arg-type]
+                new_docs, overlapping, hints, dedup_docs = [], [], [], []
+                for b, fate in zip(blocks, plan.fates):
+                    if fate.kind == "repeat":
+                        overlapping.append(b.source)
+                        hints.append(fate.hint)
+                        dedup_docs.append(fate.hint)
+                    else:
+                        out = b.source if fate.kind == "new" else fate.block.text
+                        new_docs.append(out)
+                        dedup_docs.append(out)
+                self.conversations.commit(name, cid, [(b, i + 1) for i, b in enumerate(blocks)])  # type: ignore[arg-type]
+                results.append(
+                    {
+                        "new_docs": new_docs,
+                        "overlapping_docs": overlapping,
+                        "reference_hints": hints,
+                        "deduplicated_docs": dedup_docs,
+                        "turn": plan.turn,
+                        "tokens_saved": plan.tokens_saved,
+                    }
+                )
+        return results
+
+    def end_conversation(self, conversation_id: str, *, tenant: str | None = None) -> None:
+        """Forget a conversation (unknown ids raise ``ValueError``)."""
+        cid = check_name(conversation_id, "conversation_id")
+        name = self._tenant(tenant)
+        with self._lock:
+            self.conversations.forget(name, cid)  # type: ignore[arg-type]
+
+    def conversation_turns(self, conversation_id: str, *, tenant: str | None = None) -> int:
+        """Turns recorded so far in a conversation (unknown ids raise ``ValueError``)."""
+        cid = check_name(conversation_id, "conversation_id")
+        name = self._tenant(tenant)
+        with self._lock:
+            return self.conversations.get(name, cid).turns  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ lifecycle
+    def reset(self, *, tenant: str | None = None) -> None:
+        """Forget the index and conversations of one tenant (or of all, when ``tenant`` is None)."""
+        with self._lock:
+            if tenant is None:
+                self.index = ContextIndex(self.config.index_limits)
+                self.conversations = self._new_conversations()
+                return
+            name = check_name(tenant, "tenant")
+            if name in self.index.tenant_names():
+                self.index.drop_tenant(name)  # type: ignore[arg-type]
+            self.conversations.forget_tenant(name)  # type: ignore[arg-type]
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {**self.index.stats(), "conversations": len(self.conversations), "backend": self.backend.name}
+
+
+def _token_counter(tokenizer: Any) -> Callable[[str], int]:
+    if tokenizer is None:
+        return estimate_tokens
+    if hasattr(tokenizer, "encode"):
+        from .blocks import tokenizer_counter
+
+        return tokenizer_counter(tokenizer)
+    if callable(tokenizer):
+        return tokenizer
+    raise TypeError(f"tokenizer: expected a callable or an object with encode(), got {type(tokenizer).__name__}")

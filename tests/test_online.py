@@ -1,0 +1,121 @@
+"""Online reorder through ContextPilot.optimize / reorder: behaviour and properties."""
+
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contextpilot_engine import ContextPilot
+from contextpilot_engine.blocks import estimate_tokens, make_block
+from contextpilot_engine.index import ContextIndex, IndexLimits
+from contextpilot_engine.online_reorder import order_online
+
+
+def docs_in(messages) -> list[str]:
+    """The block texts of a rendered system message, in prompt order."""
+    system = messages[0]["content"]
+    body = system.split("<documents>\n", 1)[1].split("</documents>", 1)[0]
+    return [line.split("] ", 1)[1] for line in body.splitlines()]
+
+
+def test_cached_prefix_comes_first_and_ranking_keeps_relevance():
+    pilot = ContextPilot()
+    pilot.optimize(["doc A", "doc B", "doc C"], "first")
+    messages = pilot.optimize(["doc X", "doc C", "doc A", "doc B"], "second")
+    served = docs_in(messages)
+    assert served[:3] == docs_in(pilot.optimize(["doc A", "doc B", "doc C"], "again"))
+    assert sorted(served) == sorted(["doc X", "doc C", "doc A", "doc B"])
+    # the ranking lists prompt positions in retrieval order: X first
+    note = messages[0]["content"].rsplit("</documents>", 1)[1]
+    ranking = note.split("first: ", 1)[1].split(".", 1)[0].split(" > ")
+    assert [served[int(r.strip("[]")) - 1] for r in ranking] == ["doc X", "doc C", "doc A", "doc B"]
+    assert messages[1] == {"role": "user", "content": "second"}
+
+
+def test_ranking_note_comes_after_the_blocks():
+    messages = ContextPilot().optimize(["one", "two"], "q")
+    system = messages[0]["content"]
+    assert system.index("</documents>") < system.index("Importance ranking")
+
+
+def test_popular_blocks_lead_uncached_requests():
+    pilot = ContextPilot()
+    for i in range(5):
+        pilot.optimize(["popular", f"private {i}"], f"q{i}")
+    order = docs_in(pilot.optimize(["fresh", "popular"], "q"))
+    assert order[0] == "popular"
+
+
+def test_repeated_blocks_are_kept():
+    pilot = ContextPilot()
+    docs = ["a", "b", "a", "a", "c"]
+    for _ in range(3):
+        assert Counter(docs_in(pilot.optimize(docs, "q"))) == Counter(docs)
+    reordered, _ = pilot.reorder([docs, ["a", "a"]])
+    assert sorted(map(Counter, map(tuple, reordered)), key=len) == sorted(
+        [Counter(docs), Counter(["a", "a"])], key=len
+    )
+
+
+block_text = st.sampled_from([f"block {i}" for i in range(12)])
+context = st.lists(block_text, min_size=1, max_size=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(context, min_size=1, max_size=12))
+def test_every_online_order_is_a_permutation_and_deterministic(requests):
+    a, b = ContextPilot(capacity_tokens=60), ContextPilot(capacity_tokens=60)
+    for i, docs in enumerate(requests):
+        ma, mb = a.optimize(docs, f"q{i}"), b.optimize(docs, f"q{i}")
+        assert ma == mb
+        assert Counter(docs_in(ma)) == Counter(docs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(context, min_size=1, max_size=10), st.lists(context, min_size=1, max_size=10))
+def test_one_tenant_never_changes_another_tenants_orders(mine, theirs):
+    alone = ContextPilot()
+    shared = ContextPilot()
+    for i, docs in enumerate(mine):
+        solo = alone.optimize(docs, f"q{i}", tenant="me")
+        if i < len(theirs):
+            shared.optimize(theirs[i], f"x{i}", tenant="other", conversation_id="c")
+        assert shared.optimize(docs, f"q{i}", tenant="me") == solo
+
+
+def test_order_online_matches_index_state():
+    idx = ContextIndex()
+    blocks = [make_block(t, estimate_tokens, "b") for t in ["aa", "bb", "cc"]]
+    order, hit = order_online(idx, "t", 7, blocks)
+    assert hit == 0 and sorted(order) == [0, 1, 2]
+    idx.record("t", 7, 3, [(blocks[j].key, blocks[j].tokens) for j in order])
+    order2, hit2 = order_online(idx, "t", 7, list(reversed(blocks)))
+    assert [2 - j for j in order2] == order and hit2 == 3 + sum(b.tokens for b in blocks)
+
+
+def test_100k_online_requests_stay_within_the_capacity():
+    """Regression for the reference's unbounded index: memory is bounded by the token capacity."""
+    idx = ContextIndex(IndexLimits(capacity_tokens=20_000, max_tracked_blocks=5_000))
+    made = {}
+
+    def blk(i):
+        b = made.get(i)
+        if b is None:
+            b = made[i] = make_block(f"memory {i}", lambda t: 50, "b")
+        return b
+
+    trie = idx.tenant("t").trie
+    peak_nodes = peak_heap = 0
+    for r in range(100_000):
+        blocks = [blk((r * 7 + j * 13) % 50_000) for j in range(5)]
+        order, _ = order_online(idx, "t", 1, blocks)
+        idx.record("t", 1, 10, [(blocks[j].key, blocks[j].tokens) for j in order])
+        if r % 1000 == 0:
+            made.clear()
+            peak_nodes = max(peak_nodes, trie.node_count())
+            peak_heap = max(peak_heap, len(trie._lru))
+    # every structure that grows with traffic is bounded by the capacity or a configured limit
+    assert trie.cached_tokens <= 20_000 + 5 * 50 + 10
+    assert peak_nodes <= (20_000 + 5 * 50 + 10) // 50 + 1
+    assert peak_heap <= 4 * peak_nodes + 1024 + 1
+    assert len(idx.tenant("t").popularity) <= 5_000 * 5 // 4
