@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run the whole test suite in the pinned engine environment (built and cached on first use).
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -k dedup
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="$(bash scripts/setup_env.sh | tail -n 1)"
+# Engine and Triton tests must run here, never silently skip.
+export CONTEXTPILOT_REQUIRE_ENGINE=1
+exec "$PY" -m pytest -q "$@"
