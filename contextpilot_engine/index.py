@@ -105,6 +105,15 @@ class ContextIndex:
                 old.trie.clear()
             return state
 
+    def peek(self, name: str) -> TenantState | None:
+        """The state of tenant ``name`` if it exists; unlike :meth:`tenant`, never creates one.
+
+        Read-only questions (matching, popularity) go through here, so asking
+        about a new tenant cannot push an existing one out of the bounded table.
+        """
+        with self._lock:
+            return self._tenants.get(name)
+
     def tenant_names(self) -> list[str]:
         with self._lock:
             return list(self._tenants)
@@ -120,9 +129,12 @@ class ContextIndex:
 
     # ----------------------------------------------------------- request path
     def match(self, tenant: str, preamble_key: int, wanted: Mapping[int, int]) -> CachedMatch:
-        """Longest cached prefix for a request whose blocks are the multiset ``wanted``."""
+        """Longest cached prefix for a request whose blocks are the multiset ``wanted`` (read-only)."""
         with self._lock:
-            return self.tenant(tenant).trie.match_cached(preamble_key, wanted)
+            state = self._tenants.get(tenant)
+            if state is None:
+                return CachedMatch([], 0, None)
+            return state.trie.match_cached(preamble_key, wanted)
 
     def record(
         self,

@@ -25,6 +25,17 @@ from .index import ContextIndex
 __all__ = ["order_online", "canonical_order", "cached_prefix"]
 
 
+class _NoPopularity:
+    """Popularity of a tenant with no history: every block unseen."""
+
+    @staticmethod
+    def count(key: int) -> int:
+        return 0
+
+
+_NO_POPULARITY = _NoPopularity()
+
+
 def canonical_order(blocks: Sequence[Block], indices: Sequence[int], popularity) -> list[int]:
     """``indices`` sorted by (popularity desc, tokens desc, key); stable for equal blocks."""
     count = popularity.count
@@ -46,4 +57,5 @@ def cached_prefix(
 def order_online(index: ContextIndex, tenant: str, preamble_key: int, blocks: Sequence[Block]) -> tuple[list[int], int]:
     """New order of ``blocks`` (input indices) and the tokens the cached prefix should hit."""
     prefix, rest, hit = cached_prefix(index, tenant, preamble_key, blocks)
-    return prefix + canonical_order(blocks, rest, index.tenant(tenant).popularity), hit
+    state = index.peek(tenant)
+    return prefix + canonical_order(blocks, rest, state.popularity if state else _NO_POPULARITY), hit

@@ -242,7 +242,8 @@ class ContextPilot:
     def _plan(self, tenant: str, batch: list[list[Block]], preamble: Preamble, extra_tokens: int):
         """Block orders and execution order for a batch; records what the cache will hold."""
         prefixes = None
-        if self.index.tenant(tenant).trie.node_count():
+        state = self.index.peek(tenant)
+        if state is not None and state.trie.node_count():
             prefixes = [cached_prefix(self.index, tenant, preamble.key, blocks)[0] for blocks in batch]
         plan = plan_batch(
             batch,
