@@ -77,7 +77,7 @@ def plan_batch(
     prefixes: Sequence[Sequence[int]] | None = None,
     backend: OverlapBackend | None = None,
     strategies: Sequence[str] = STRATEGIES,
-    candidates: CandidateConfig = CandidateConfig(),
+    candidates: CandidateConfig | None = None,
 ) -> BatchPlan:
     """Plan orders for ``contexts``; ``prefixes[c]`` optionally fixes input positions to go first.
 
@@ -92,7 +92,7 @@ def plan_batch(
     batch = original.permuted(canon)
     if prefixes is not None:
         prefixes = [prefixes[c] for c in canon.tolist()]
-    plan = _plan_interned(batch, prefixes, backend, strategies, candidates)
+    plan = _plan_interned(batch, prefixes, backend, strategies, candidates or CandidateConfig())
     # back to the caller's context numbering
     back = canon.tolist()
     orders: list[list[int]] = [[] for _ in back]

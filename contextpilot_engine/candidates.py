@@ -143,7 +143,6 @@ def candidate_pairs(
     empty = (np.zeros(0, np.int64),) * 3
     if n < 2 or len(items) == 0:
         return empty
-    ctx = np.repeat(np.arange(n, dtype=np.int64), lengths)
     n_items = len(weights)
 
     # each context probes with its rarest items held by at least one other context

@@ -23,7 +23,7 @@ Whether a node is cached is answered in one of two ways:
 from __future__ import annotations
 
 import heapq
-from typing import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
 __all__ = ["TrieNode", "BlockTrie", "CachedMatch"]
 
