@@ -81,7 +81,7 @@ def batch_time(n: int, seed: int) -> float:
 
 def online_latency(n: int, seed: int, capacity: int | None) -> dict:
     wl = rag_batch(n_queries=n, top_k=20, seed=seed)
-    kwargs = {} if capacity is None else {"capacity_tokens": capacity}
+    kwargs = {} if capacity is None else {"capacity_tokens": capacity, "max_nodes": capacity}
     pilot = ContextPilot(tokenizer=wl.token_counter(), **kwargs)
     lat = np.empty(n)
     for i, r in enumerate(wl.requests):
