@@ -155,13 +155,14 @@ class ContextPilot:
         order, expected_hit = order_online(self.index, tenant, preamble.key, sent) if sent else ([], 0)
         ordered = [sent[j] for j in order]
         position_of = {sent_idx[j]: pos + 1 for pos, j in enumerate(order)}
-        relevance, hints = [], []
+        relevance: list[str] = []
+        hints: list[str] = []
         for i in range(len(blocks)):
             if i in position_of:
                 relevance.append(f"[{position_of[i]}]")
             else:
                 fate = plan.fates[i]  # type: ignore[union-attr]
-                hints.append(fate.hint)
+                hints.append(fate.hint or "")
                 relevance.append(f"(hint {len(hints)})")
         if hints:
             hints = [f"(hint {k + 1}) {h}" for k, h in enumerate(hints)]

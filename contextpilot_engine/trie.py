@@ -25,7 +25,10 @@ from __future__ import annotations
 import heapq
 from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
-__all__ = ["TrieNode", "BlockTrie", "CachedMatch"]
+__all__ = ["TrieNode", "BlockTrie", "CachedMatch", "ROOT_KEY"]
+
+#: key of the root node, which no block or preamble ever has (those are non-negative hashes)
+ROOT_KEY = -1
 
 
 class TrieNode:
@@ -33,7 +36,7 @@ class TrieNode:
 
     __slots__ = ("id", "parent", "key", "tokens", "children", "last_access", "visits", "pages", "lead_cached")
 
-    def __init__(self, node_id: int, parent: "TrieNode | None", key: int | None, tokens: int):
+    def __init__(self, node_id: int, parent: "TrieNode | None", key: int, tokens: int):
         self.id = node_id
         self.parent = parent
         self.key = key
@@ -79,7 +82,7 @@ class BlockTrie:
         self.max_nodes = max_nodes
         self.engine_page_size: int | None = None  # set when an engine is attached
         self._on_drop = on_drop
-        self.root = TrieNode(new_id(), None, None, 0)
+        self.root = TrieNode(new_id(), None, ROOT_KEY, 0)
         self.nodes: dict[int, TrieNode] = {self.root.id: self.root}
         self.cached_tokens = 0  # model mode: total tokens held by the modelled cache
         self.tick = 0
@@ -215,7 +218,7 @@ class BlockTrie:
             raise ValueError("the root cannot be removed")
         parent = node.parent
         assert parent is not None
-        del parent.children[node.key]  # type: ignore[arg-type]
+        del parent.children[node.key]
         removed = 0
         stack = [node]
         while stack:
@@ -276,7 +279,7 @@ class BlockTrie:
         keys: list[int] = []
         n: TrieNode | None = node
         while n is not None and n is not self.root:
-            keys.append(n.key)  # type: ignore[arg-type]
+            keys.append(n.key)
             n = n.parent
         keys.reverse()
         return keys
