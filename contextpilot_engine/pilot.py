@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .batch_reorder import plan_batch
@@ -39,7 +40,19 @@ from .validation import (
     parse_queries,
 )
 
-__all__ = ["ContextPilot"]
+__all__ = ["ContextPilot", "ServedPrompt"]
+
+
+@dataclass(frozen=True)
+class ServedPrompt:
+    """One request after :meth:`ContextPilot.serve`."""
+
+    messages: list[dict]  # [system, user]
+    report: dict  # blocks moved / deduplicated, tokens saved, expected cached tokens, order
+    tenant: str
+    preamble: Preamble  # the head of the system message (its key roots the tenant's prefix tree)
+    ordered: list[Block]  # the blocks as written in the prompt, in prompt order
+    turn: int | None  # conversation turn, when a conversation id was given
 
 
 class ContextPilot:
@@ -134,17 +147,41 @@ class ContextPilot:
         tenant: str | None = None,
     ) -> tuple[list[dict], dict]:
         """:meth:`optimize`, plus a report of what was done (blocks moved, tokens saved, expected hits)."""
-        blocks = parse_context(docs, "docs", self.count_tokens, self.config.max_blocks_per_context)
+        blocks = self.parse_docs(docs, "docs")
         check_query(query, "query")
+        served = self.serve(
+            blocks, query, conversation_id=conversation_id, system_instruction=system_instruction, tenant=tenant
+        )
+        return served.messages, served.report
+
+    def parse_docs(self, docs: Sequence[Any], name: str = "docs") -> list[Block]:
+        """Validate and normalise one context; errors name ``name`` and the offending index."""
+        return parse_context(docs, name, self.count_tokens, self.config.max_blocks_per_context)
+
+    def serve(
+        self,
+        blocks: Sequence[Block],
+        query: str,
+        *,
+        conversation_id: str | None = None,
+        system_instruction: str | None = None,
+        tenant: str | None = None,
+    ) -> "ServedPrompt":
+        """Dedup, reorder and render one request whose blocks are already parsed (:meth:`parse_docs`).
+
+        This is :meth:`optimize` for callers that build the final prompt
+        themselves (the engine plugins): besides the messages it returns the
+        blocks in prompt order and the preamble, which is what binding the
+        served prompt to the engine's pages needs.
+        """
         cid = check_name(conversation_id, "conversation_id", allow_none=True)
         check_optional_str(system_instruction, "system_instruction")
         name = self._tenant(tenant)
         with self._lock:
             plan = self.conversations.check(name, cid, blocks, self.count_tokens) if cid else None
-            messages, report = self._serve_one(name, blocks, query, system_instruction, plan)
-        return messages, report
+            return self._serve_one(name, blocks, query, system_instruction, plan)
 
-    def _serve_one(self, tenant, blocks, query, system_instruction, plan: TurnPlan | None):
+    def _serve_one(self, tenant, blocks, query, system_instruction, plan: TurnPlan | None) -> "ServedPrompt":
         preamble = self._preamble(system_instruction)
         if plan is None:
             sent_idx = list(range(len(blocks)))
@@ -181,7 +218,7 @@ class ContextPilot:
             "expected_cached_tokens": expected_hit,
             "order": [sent_idx[j] for j in order],
         }
-        return messages, report
+        return ServedPrompt(messages, report, tenant, preamble, ordered, plan.turn if plan else None)
 
     # ------------------------------------------------------------- offline
     def optimize_batch(

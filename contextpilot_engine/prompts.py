@@ -27,7 +27,7 @@ from typing import Sequence
 
 from .blocks import Block, block_key
 
-__all__ = ["PromptLayout", "Preamble", "render_messages", "ranking_note", "position_labels"]
+__all__ = ["PromptLayout", "Preamble", "render_messages", "ranking_note", "position_labels", "block_char_ends"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,20 @@ def _labels(n: int) -> list[str]:
     while len(_LABELS) < n:
         _LABELS.append(f"[{len(_LABELS) + 1}] ")
     return _LABELS[:n]
+
+
+def block_char_ends(preamble_text: str, ordered: Sequence[Block]) -> list[int]:
+    """Character offsets in the system content where the preamble and each block line end.
+
+    The engine plugins turn these into token offsets to bind a served prompt
+    to the engine's pages; they follow :func:`render_messages`' layout.
+    """
+    ends = [len(preamble_text)]
+    pos = ends[0]
+    for label, block in zip(_labels(len(ordered)), ordered):
+        pos += len(label) + len(block.text) + 1
+        ends.append(pos)
+    return ends
 
 
 _RANKS: list[str] = []
