@@ -1,0 +1,412 @@
+"""The cross-process channel: page events from the engine core to the API server.
+
+When the engine core runs in its own process (always for the OpenAI server,
+and for ``LLM`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), the request
+path cannot read the engine's index.  The engine core therefore listens on a
+Unix socket whose path is derived from the engine's identity
+(:func:`.state.socket_path`); the request side connects to it and applies
+what arrives to its own :class:`~contextpilot_engine.index.ContextIndex`.
+vLLM's ZMQ KV-event publisher is not used: it publishes once per step and
+its events carry vLLM's own hashes, while this channel carries canonical page
+keys as soon as the block pool changes.
+
+Design points:
+
+* **Events leave with the block-pool call that made them, without blocking
+  the engine.**  The mirror hands each event to :meth:`ChannelServer.sink`
+  and calls :meth:`ChannelServer.flush` when the outermost wrapped
+  block-pool call returns (``cache_full_blocks``, ``get_new_blocks`` which
+  evicts, ``reset_prefix_cache``, ...).  ``flush`` encodes one frame and
+  writes it with a non-blocking send from the engine thread itself: handing
+  it to a helper thread instead would add up to one interpreter switch
+  interval (5 ms) whenever the engine thread is busy.  Bytes a slow
+  subscriber does not take are queued in order and written by a helper
+  thread; a subscriber stalled for long is dropped and reconnects.
+* **Late subscribers get a snapshot.**  A connecting subscriber first
+  receives every canonical key the mirror holds (with its copy count), then
+  the events that follow.  The snapshot is taken under the mirror's lock
+  after the pending events went to the older subscribers, so no event is
+  missed or applied twice.  A request side that (re)connects at any time
+  therefore converges exactly.
+* **No pickle.**  Frames are fixed binary records (``struct``), so a stranger
+  able to reach the socket can at worst feed wrong keys, never run code; the
+  socket file is created ``0600`` in the temporary directory anyway.
+* **Lag is measured.**  Each frame carries the monotonic time of its oldest
+  event; the subscriber records ``now - that`` when it has applied the frame
+  (``CLOCK_MONOTONIC`` is shared by all processes of a Linux host).
+
+Wire format (little endian): every frame is ``u32 length, u8 type, payload``.
+``HELLO``: ``u32 page_size, u32 n, n x (16-byte key, u32 copies)``.
+``EVENTS``: ``i64 oldest_event_ns, u32 n, n x (u8 op, 16-byte key)``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from typing import Any
+
+from .failopen import logger, report_failure
+from .mirror import CLEARED, REMOVED, STORED
+
+__all__ = ["ChannelServer", "ChannelSubscriber", "encode_events", "encode_hello"]
+
+HELLO, EVENTS = 1, 2
+_HEADER = struct.Struct("<IB")
+_HELLO_HEAD = struct.Struct("<II")
+_EVENTS_HEAD = struct.Struct("<qI")
+_KEY_BYTES = 16
+_MAX_FRAME = 1 << 28
+
+
+def _key_bytes(key: int) -> bytes:
+    return key.to_bytes(_KEY_BYTES, "little", signed=False)
+
+
+def encode_hello(page_size: int, counts: dict[int, int]) -> bytes:
+    parts = [_HELLO_HEAD.pack(page_size, len(counts))]
+    for key, copies in counts.items():
+        parts.append(_key_bytes(key) + struct.pack("<I", copies))
+    payload = b"".join(parts)
+    return _HEADER.pack(len(payload), HELLO) + payload
+
+
+def encode_events(oldest_ns: int, events: list[tuple[int, int]]) -> bytes:
+    payload = _EVENTS_HEAD.pack(oldest_ns, len(events)) + b"".join(
+        bytes((op,)) + _key_bytes(key) for op, key in events
+    )
+    return _HEADER.pack(len(payload), EVENTS) + payload
+
+
+class _Subscriber:
+    """One connected request side: a non-blocking socket and the bytes it has not taken yet."""
+
+    __slots__ = ("sock", "backlog", "stalled_since")
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self.sock = sock
+        self.backlog = bytearray()
+        self.stalled_since = 0.0
+
+    def write(self, frame: bytes) -> None:
+        """Send what the socket takes now; keep the rest, in order, for the sender thread."""
+        if not self.backlog:
+            try:
+                sent = self.sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+            self.stalled_since = time.monotonic()
+        self.backlog += frame
+
+    def drain(self) -> None:
+        while self.backlog:
+            try:
+                sent = self.sock.send(self.backlog)
+            except BlockingIOError:
+                return
+            del self.backlog[:sent]
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class ChannelServer:
+    """Engine-core side: accepts subscribers and streams the mirror's page events to them.
+
+    The mirror calls :meth:`sink` for each event and :meth:`flush` when the
+    block-pool call that produced them returns; both run on the engine thread
+    under the mirror's lock.  ``flush`` encodes one frame and writes it with
+    non-blocking sends, so the frame is in the subscriber's socket within
+    microseconds of the change; whatever a slow subscriber does not take is
+    kept in order and written by a helper thread.  A subscriber that stays
+    stalled for ``STALL_LIMIT_S`` or falls ``BACKLOG_LIMIT`` bytes behind is
+    dropped; it reconnects and starts again from a snapshot.
+    """
+
+    STALL_LIMIT_S = 10.0
+    BACKLOG_LIMIT = 64 << 20
+
+    def __init__(self, path: str, mirror: Any):
+        self.path = path
+        self.mirror = mirror
+        self._pending: list[tuple[int, int]] = []
+        self._oldest_ns = 0
+        self._subscribers: list[_Subscriber] = []
+        self._wake = threading.Event()
+        self._closed = False
+        self._listener: socket.socket | None = None
+        self.frames_sent = 0
+
+    # ------------------------------------------------------- engine thread
+    def sink(self, op: int, key: int) -> None:
+        """One page event (engine thread, mirror lock held); nobody listening: nothing to keep."""
+        if not self._subscribers:
+            return
+        if not self._pending:
+            self._oldest_ns = time.monotonic_ns()
+        self._pending.append((op, key))
+
+    def flush(self) -> None:
+        """Send the pending events as one frame (engine thread); never blocks."""
+        if not self._pending:
+            return
+        with self.mirror.lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._pending:
+            return
+        frame = encode_events(self._oldest_ns, self._pending)
+        self._pending = []
+        self.frames_sent += 1
+        backlog = False
+        for sub in self._subscribers:
+            try:
+                sub.write(frame)
+            except OSError:
+                sub.stalled_since = -1.0  # gone: the sender thread drops it
+            backlog = backlog or bool(sub.backlog) or sub.stalled_since < 0
+        if backlog:
+            self._wake.set()
+
+    # ---------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # a stale socket of a crashed engine with the same identity
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(16)
+        self._listener = listener
+        atexit.register(self.close)
+        threading.Thread(target=self._accept_loop, name="contextpilot-channel-accept", daemon=True).start()
+        threading.Thread(target=self._send_loop, name="contextpilot-channel-send", daemon=True).start()
+        logger.info("contextpilot: publishing the cache mirror on %s", self.path)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ threads
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()  # type: ignore[union-attr]
+            except OSError:
+                return
+            sub = _Subscriber(conn)
+            # Pending events go to the older subscribers only: the snapshot already holds them.
+            with self.mirror.lock:
+                self._flush_locked()
+                snapshot = self.mirror.canonical_counts_unlocked()
+                sub.backlog += encode_hello(self.mirror.page_size, snapshot)
+                self._subscribers.append(sub)
+            self._wake.set()
+
+    def _send_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            try:
+                self._service()
+            except Exception as exc:  # never let the channel take the engine down
+                report_failure("channel send", exc)
+
+    def _service(self) -> None:
+        now = time.monotonic()
+        with self.mirror.lock:
+            keep = []
+            for sub in self._subscribers:
+                try:
+                    sub.drain()
+                except OSError:
+                    sub.stalled_since = -1.0
+                stalled = sub.backlog and (
+                    now - sub.stalled_since > self.STALL_LIMIT_S or len(sub.backlog) > self.BACKLOG_LIMIT
+                )
+                if sub.stalled_since < 0 or stalled:
+                    sub.close()  # it reconnects and gets a fresh snapshot
+                    continue
+                if not sub.backlog:
+                    sub.stalled_since = 0.0
+                keep.append(sub)
+            self._subscribers = keep
+            waiting = [sub.sock for sub in keep if sub.backlog]
+        if waiting:
+            select.select([], waiting, [], 0.05)
+            self._wake.set()
+
+
+class ChannelSubscriber:
+    """Request side: keeps a ContextIndex equal to the engine core's mirror."""
+
+    #: how long to wait for an engine core that has not opened its socket yet
+    CONNECT_PATIENCE_S = 600.0
+
+    def __init__(self, path: str, index: Any, lag: Any):
+        self.path = path
+        self.index = index
+        self.lag = lag
+        self.connected = threading.Event()
+        self.hellos = 0
+        self.frames = 0
+        self._closed = False
+        self._sock: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, name="contextpilot-channel-subscribe", daemon=True)
+
+    def start(self) -> "ChannelSubscriber":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------- thread
+    def _run(self) -> None:
+        waited_since = time.monotonic()
+        ever_connected = False
+        delay = 0.02
+        while not self._closed:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                gone_for = time.monotonic() - waited_since
+                if (ever_connected and not os.path.exists(self.path)) or gone_for > self.CONNECT_PATIENCE_S:
+                    return  # the engine core is gone (or never came); nothing more to mirror
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            ever_connected = True
+            delay = 0.02
+            self._sock = sock
+            try:
+                self._serve(sock)
+            except Exception as exc:  # a broken stream: forget what it said, reconnect
+                if not self._closed:
+                    report_failure("channel receive", exc)
+            finally:
+                self.connected.clear()
+                self._sock = None
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+                # Without the engine's stream the mirror would go stale: claim nothing is cached.
+                self.index.pages_cleared()
+                waited_since = time.monotonic()
+
+    def _read(self, sock: socket.socket, n: int) -> bytes | None:
+        chunks = []
+        while n:
+            data = sock.recv(min(n, 1 << 20))
+            if not data:
+                return None
+            chunks.append(data)
+            n -= len(data)
+        return b"".join(chunks)
+
+    def _serve(self, sock: socket.socket) -> None:
+        while not self._closed:
+            head = self._read(sock, _HEADER.size)
+            if head is None:
+                return
+            length, kind = _HEADER.unpack(head)
+            if length > _MAX_FRAME:
+                raise ValueError(f"frame of {length} bytes is too large")
+            payload = self._read(sock, length)
+            if payload is None:
+                return
+            if kind == HELLO:
+                self._apply_hello(payload)
+            elif kind == EVENTS:
+                self._apply_events(payload)
+            else:
+                raise ValueError(f"unknown frame type {kind}")
+
+    def _apply_hello(self, payload: bytes) -> None:
+        page_size, n = _HELLO_HEAD.unpack_from(payload)
+        index = self.index
+        if index.page_size != page_size:
+            index.attach_engine(page_size)
+        keys: list[int] = []
+        off = _HELLO_HEAD.size
+        for _ in range(n):
+            key = int.from_bytes(payload[off : off + _KEY_BYTES], "little")
+            (copies,) = struct.unpack_from("<I", payload, off + _KEY_BYTES)
+            keys.extend([key] * copies)
+            off += _KEY_BYTES + 4
+        index.pages_cleared()
+        index.pages_stored(keys)
+        self.hellos += 1
+        self.connected.set()
+
+    def _apply_events(self, payload: bytes) -> None:
+        oldest, n = _EVENTS_HEAD.unpack_from(payload)
+        index = self.index
+        off = _EVENTS_HEAD.size
+        run_op, run = 0, []  # apply consecutive events of one kind in one call
+        removals = 0
+
+        def flush() -> None:
+            if run_op == STORED:
+                index.pages_stored(run)
+            elif run_op == REMOVED:
+                index.pages_removed(run)
+
+        for _ in range(n):
+            op = payload[off]
+            key = int.from_bytes(payload[off + 1 : off + 1 + _KEY_BYTES], "little")
+            off += 1 + _KEY_BYTES
+            if op != STORED:
+                removals += 1
+            if op == CLEARED:
+                flush()
+                run_op, run = 0, []
+                index.pages_cleared()
+                continue
+            if op != run_op:
+                flush()
+                run_op, run = op, []
+            run.append(key)
+        flush()
+        self.frames += 1
+        self.lag.add((time.monotonic_ns() - oldest) / 1e9, n, removals)

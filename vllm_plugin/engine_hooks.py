@@ -1,0 +1,126 @@
+"""Engine-core wiring: where the mirror, the channel and the scheduling option are attached.
+
+The one hook here wraps ``vllm.v1.core.sched.scheduler.Scheduler.__init__``.
+It is the first place in the engine-core process that holds both the engine's
+``VllmConfig`` (is the plugin on? which engine is this?) and the block pool
+the scheduler just built, and it runs before any request can reach that pool.
+After vLLM's own ``__init__`` returns, for an engine with the plugin on:
+
+1. the ``BlockPool`` class hooks are installed (once; see :mod:`.mirror`);
+2. an :class:`~.mirror.EngineMirror` is attached to *this* scheduler's pool;
+   its index is the request side's own index when the request side lives in
+   this process (offline ``LLM`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
+   otherwise a fresh one published over :class:`~.channel.ChannelServer`;
+3. with ``cache_aware_scheduling``, the waiting queue is replaced
+   (:mod:`.scheduling`).
+
+Subclasses of ``Scheduler`` (``AsyncScheduler``, a user's ``--scheduler-cls``
+subclass) call this ``__init__`` too.  Everything runs fail-open: a failure
+leaves the scheduler exactly as vLLM built it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .failopen import call_safely, logger, patch_method
+from .options import options_from_vllm_config
+
+__all__ = ["install_engine_hooks", "attach_to_scheduler"]
+
+_lock = threading.Lock()
+_installed: bool | None = None
+
+
+def install_engine_hooks() -> bool:
+    """Patch ``Scheduler.__init__`` (and prepare the BlockPool hooks) once per process."""
+    global _installed
+    with _lock:
+        if _installed is not None:
+            return _installed
+        from vllm.v1.core.sched.scheduler import Scheduler
+
+        from .mirror import install_block_pool_hooks
+
+        pool_ok = install_block_pool_hooks()
+
+        def make(orig):
+            def __init__(self, vllm_config, *args, **kwargs):
+                orig(self, vllm_config, *args, **kwargs)
+                call_safely("engine attach", attach_to_scheduler, self, vllm_config)
+
+            return __init__
+
+        sched_ok = patch_method(
+            Scheduler,
+            "__init__",
+            make,
+            ["self", "vllm_config", "kv_cache_config", "structured_output_manager", "block_size"],
+            prefix_only=True,
+        )
+        _installed = pool_ok and sched_ok
+        return _installed
+
+
+def attach_to_scheduler(scheduler: Any, vllm_config: Any) -> None:
+    options = options_from_vllm_config(vllm_config)
+    if options is None:
+        return
+    from .mirror import ATTR, EngineMirror, install_block_pool_hooks
+    from .state import engine_key, find_state, get_state, socket_path
+
+    if not getattr(scheduler.cache_config, "enable_prefix_caching", False):
+        logger.warning("contextpilot: prefix caching is off for this engine; there is no cache to mirror or reuse")
+        return
+    pool = scheduler.kv_cache_manager.block_pool
+    page = int(pool.hash_block_size)
+    groups = scheduler.kv_cache_config.kv_cache_groups
+    sizes = {int(g.kv_cache_spec.block_size) for g in groups}
+    if len(groups) != 1 or sizes != {page}:
+        logger.warning(
+            "contextpilot: this model has %d KV cache groups with block sizes %s (hash block size %d); "
+            "the cache mirror supports one attention group only and stays off",
+            len(groups),
+            sorted(sizes),
+            page,
+        )
+    elif install_block_pool_hooks():
+        key, rank = engine_key(vllm_config)
+        state = find_state(key)
+        local = state is not None
+        if state is None:
+            state = get_state(vllm_config, options, page)
+        state.engine_local = local
+        if state.index.page_size != page:
+            state.index.attach_engine(page)
+        mirror = EngineMirror(state.index, page)
+        state.mirror = mirror
+        pool.__dict__[ATTR] = mirror
+        if not local and options.channel == "auto":
+            if rank == 0:
+                from .channel import ChannelServer
+
+                server = ChannelServer(socket_path(key, rank), mirror)
+                server.start()
+                state.server = server
+                mirror.publisher = server
+            else:
+                logger.info("contextpilot: data-parallel rank %d keeps its mirror local (only rank 0 publishes)", rank)
+        logger.info(
+            "contextpilot: mirroring the prefix cache of engine %s (page %d tokens, %s)",
+            key,
+            page,
+            "shared in-process index" if local else (
+                "published on " + state.server.path if state.server is not None else "not published"
+            ),
+        )
+    if options.cache_aware_scheduling:
+        from .scheduling import install_cache_aware_queue
+
+        if install_cache_aware_queue(scheduler, options):
+            logger.info(
+                "contextpilot: cache-aware waiting queue on (window %d, at most %d overtakes)",
+                options.scheduling_window,
+                options.max_overtakes,
+            )
