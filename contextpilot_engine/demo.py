@@ -14,6 +14,15 @@ Runs, each on a freshly reset prefix cache:
 * **contextpilot online**: ``ContextPilot.optimize`` per request;
 * **contextpilot offline**: ``ContextPilot.optimize_batch`` for the whole
   batch, sent in its execution order.
+
+Plugin mode (``--mode plugin`` or ``all``, the default) sends what a client
+unaware of contextpilot sends, the documents as ``<document>`` elements in
+the system message in retrieval order, to the same engine without the plugin
+and then to a second engine built with
+``additional_config={"contextpilot": {}}`` (the vLLM plugin reorders them
+against the live cache inside the engine).  In-process engines are built one
+after another, each closed before the next (see
+``contextpilot_engine.bench.engine.close_llm``).
 """
 
 from __future__ import annotations
@@ -30,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=40, help="distinct chunks in the corpus (default 40)")
     parser.add_argument("--model", choices=("tiny", "small"), default="tiny", help="local model size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mode",
+        choices=("all", "library", "plugin"),
+        default="all",
+        help="library API rows, vLLM plugin rows, or both (default)",
+    )
 
 
 def _identity_messages(pilot, docs, query):
@@ -42,33 +57,47 @@ def _identity_messages(pilot, docs, query):
     return render_messages(pilot.layout, preamble, blocks, [f"[{i + 1}]" for i in range(len(blocks))], query)
 
 
+def demo_workload(requests: int, top_k: int, chunks: int, seed: int):
+    """The demo's RAG trace (also the vLLM plugin benchmark's): short real-text chunks, Zipf popularity."""
+    from .bench.workloads import materialise, rag_batch
+
+    return materialise(
+        rag_batch(
+            n_queries=requests,
+            top_k=top_k,
+            n_chunks=chunks,
+            n_topics=max(2, chunks // 8),
+            min_tokens=60,
+            max_tokens=240,
+            seed=seed,
+        )
+    )
+
+
+def document_messages(docs, query):
+    """What a RAG client unaware of contextpilot sends: the documents in retrieval order."""
+    system = "Answer from the documents.\n" + "".join(f"<document>{d}</document>\n" for d in docs)
+    return [{"role": "system", "content": system}, {"role": "user", "content": query}]
+
+
 def run(args: argparse.Namespace) -> int:
     from . import ContextPilot
     from .bench.engine import engine_env, make_llm, prefill_timed
     from .bench.tiny_model import cached_tiny_model
-    from .bench.workloads import materialise, rag_batch
 
     engine_env()
     print(f"building/loading the local {args.model} model ...", flush=True)
     model = cached_tiny_model(args.model)
-    wl = materialise(
-        rag_batch(
-            n_queries=args.requests,
-            top_k=args.top_k,
-            n_chunks=args.chunks,
-            n_topics=max(2, args.chunks // 8),
-            min_tokens=60,
-            max_tokens=240,
-            seed=args.seed,
-        )
-    )
+    wl = demo_workload(args.requests, args.top_k, args.chunks, args.seed)
+    mode = getattr(args, "mode", "all")
     print("starting vLLM (in-process, CPU, prefix caching on) ...", flush=True)
     llm = make_llm(model, block_size=32)  # vLLM's CPU attention needs multiples of 32
 
-    def measure(name, conversations):
-        llm.reset_prefix_cache()
+    def measure(name, conversations, engine=None):
+        engine = engine or llm
+        engine.reset_prefix_cache()
         start = time.perf_counter()
-        results = prefill_timed(llm, conversations)
+        results = prefill_timed(engine, conversations)
         wall = time.perf_counter() - start
         cached = sum(r.cached_tokens for r in results)
         prompt = sum(r.prompt_tokens for r in results)
@@ -76,14 +105,33 @@ def run(args: argparse.Namespace) -> int:
         return cached / prompt
 
     print(f"\n{len(wl.requests)} RAG requests, top-{args.top_k}, one at a time:")
-    base_pilot = ContextPilot()
-    base = measure("without contextpilot", [_identity_messages(base_pilot, r.contexts, r.query) for r in wl.requests])
-    online_pilot = ContextPilot()
-    online = measure("contextpilot online", [online_pilot.optimize(r.contexts, r.query) for r in wl.requests])
-    batch, _ = ContextPilot().optimize_batch(wl.contexts, wl.queries)
-    offline = measure("contextpilot offline (batch)", batch)
-    print(
-        f"\ncache hit ratio: online x{online / max(base, 1e-9):.2f}, offline x{offline / max(base, 1e-9):.2f} "
-        "the baseline's (engine counters, same engine, same run)"
-    )
+    if mode in ("all", "library"):
+        print("library API (prompts built by ContextPilot, plain vLLM engine):")
+        base_pilot = ContextPilot()
+        identity = [_identity_messages(base_pilot, r.contexts, r.query) for r in wl.requests]
+        base = measure("without contextpilot", identity)
+        online_pilot = ContextPilot()
+        online = measure("contextpilot online", [online_pilot.optimize(r.contexts, r.query) for r in wl.requests])
+        batch, _ = ContextPilot().optimize_batch(wl.contexts, wl.queries)
+        offline = measure("contextpilot offline (batch)", batch)
+        print(
+            f"cache hit ratio: online x{online / max(base, 1e-9):.2f}, offline x{offline / max(base, 1e-9):.2f} "
+            "the baseline's (engine counters, same engine, same run)"
+        )
+    if mode in ("all", "plugin"):
+        from .bench.engine import close_llm
+
+        plain = [document_messages(r.contexts, r.query) for r in wl.requests]
+        print("vLLM plugin (the same <document> messages; the engine reorders them):")
+        without = measure("engine without the plugin", plain)
+        close_llm(llm)  # one in-process engine at a time
+        plugin_llm = make_llm(model, block_size=32, additional_config={"contextpilot": {}})
+        try:
+            with_plugin = measure("engine with the plugin", plain, plugin_llm)
+        finally:
+            close_llm(plugin_llm)
+        print(
+            f"cache hit ratio: plugin x{with_plugin / max(without, 1e-9):.2f} the plain engine's "
+            "(engine counters, same messages, same run)"
+        )
     return 0
