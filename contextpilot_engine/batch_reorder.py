@@ -30,7 +30,7 @@ from .interning import InternedBatch, intern_batch
 from .kernels import OverlapBackend
 from .level_greedy import level_greedy
 from .merge_tree import merge_tree
-from .schedule import prefix_reuse
+from .schedule import arrival_dfs_order, prefix_reuse
 
 __all__ = ["BatchPlan", "plan_batch", "STRATEGIES"]
 
@@ -47,7 +47,7 @@ class BatchPlan:
     batch: InternedBatch
     orders: list[list[int]]  # orders[c][j]: input position of the block placed j-th in context c
     sequence: np.ndarray  # flat CSR item sequence of the chosen orders
-    dfs_order: list[int]  # contexts in lexicographic (depth-first) order
+    dfs_order: list[int]  # contexts in depth-first order, earlier arrivals first (schedule.arrival_dfs_order)
     strategy: str
     reuse_tokens: int  # tokens the batch's prefix tree shares (infinite cache, block granularity)
     reuse_by_strategy: dict
@@ -99,8 +99,8 @@ def plan_batch(
     for new, old in enumerate(back):
         orders[old] = plan.orders[new]
     plan.orders = orders
-    plan.dfs_order = [back[c] for c in plan.dfs_order]
     plan.sequence = plan.sequence[batch.gather(np.argsort(canon))]
+    plan.dfs_order = arrival_dfs_order(original.lengths, original.starts, plan.sequence).tolist()
     plan.batch = original
     return plan
 

@@ -30,8 +30,10 @@ class PilotConfig:
     max_tracked_blocks: int = IndexLimits.max_tracked_blocks
     # ---- input limits
     max_blocks_per_context: int = 4096
-    # ---- scheduling: a request runs at most this many positions after its arrival (None: no bound)
-    max_delay: int | None = 1024
+    # ---- scheduling: in a batch, request i runs at position i + max_delay at the latest (None: no
+    # bound).  Pulling a request out of its subtree costs cache hits when the cache is smaller than
+    # the batch, so the default leaves batches of up to 4096 requests purely cache-ordered.
+    max_delay: int | None = 4096
     # ---- deduplication
     hint_template: str = DEFAULT_HINT
     chunk_hint_template: str = DEFAULT_CHUNK_HINT

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["lexicographic_order", "prefix_reuse", "apply_aging_bound", "schedule"]
+__all__ = ["lexicographic_order", "arrival_dfs_order", "prefix_reuse", "apply_aging_bound", "schedule"]
 
 #: above this many matrix cells the sort falls back to Python tuples (a few very long contexts)
 _MAX_CELLS = 50_000_000
@@ -46,6 +46,36 @@ def lexicographic_order(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray
         return np.asarray(sorted(range(n), key=lambda c: (rows[c], c)), dtype=np.int64)
     keys = [np.arange(n)] + [mat[:, c] for c in range(mat.shape[1] - 1, -1, -1)]
     return np.lexsort(keys)
+
+
+def arrival_dfs_order(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """A depth-first order of the prefix tree that visits earlier arrivals first.
+
+    Any depth-first order keeps every shared prefix contiguous (what an LRU
+    cache needs); among them, this one orders the children of each tree node
+    by the earliest arrival (input index) in their subtree.  The result stays
+    close to arrival order at every level, so the aging bound rarely has to
+    pull a request out of its subtree, which would cost cache hits.
+    """
+    n = len(lengths)
+    lex = lexicographic_order(lengths, starts, seq)
+    mat = _padded(lengths, starts, seq)
+    if mat is None or n < 2:
+        return lex
+    rows = mat[lex]
+    width = rows.shape[1]
+    # new_group[r, d]: row r starts a new group of identical prefixes [0..d]
+    differs = np.ones((n, width), dtype=bool)
+    differs[1:] = rows[1:] != rows[:-1]
+    new_group = np.logical_or.accumulate(differs, axis=1)
+    keys = np.empty((n, width), dtype=np.int64)
+    for d in range(width):
+        heads = np.flatnonzero(new_group[:, d])
+        earliest = np.minimum.reduceat(lex, heads)
+        keys[:, d] = np.repeat(earliest, np.diff(np.r_[heads, n]))
+    keys[rows < 0] = -1  # a context that ends here comes before its extensions
+    order = np.lexsort([lex] + [keys[:, d] for d in range(width - 1, -1, -1)])
+    return lex[order]
 
 
 def prefix_reuse(

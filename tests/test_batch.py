@@ -11,7 +11,7 @@ from contextpilot_engine.bench.baselines import frequency_sort
 from contextpilot_engine.bench.workloads import rag_batch
 from contextpilot_engine.blocks import estimate_tokens
 from contextpilot_engine.interning import intern_batch
-from contextpilot_engine.schedule import apply_aging_bound, prefix_reuse, schedule
+from contextpilot_engine.schedule import apply_aging_bound, arrival_dfs_order, prefix_reuse, schedule
 from contextpilot_engine.validation import parse_contexts
 
 texts = st.sampled_from([f"chunk {i}" for i in range(15)])
@@ -100,3 +100,20 @@ def test_schedule_groups_shared_prefixes():
     seqs = [[1, 2], [3], [1, 2, 4], [3, 5], [1]]
     assert schedule(seqs) == [4, 0, 2, 1, 3]
     assert schedule(seqs, max_delay=0) == [0, 1, 2, 3, 4]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=4), min_size=1, max_size=30))
+def test_arrival_dfs_order_is_depth_first_and_prefers_early_arrivals(seqs):
+    lengths = np.array([len(s) for s in seqs])
+    starts = np.r_[0, np.cumsum(lengths)]
+    order = arrival_dfs_order(lengths, starts, np.concatenate([np.array(s) for s in seqs])).tolist()
+    assert sorted(order) == list(range(len(seqs)))
+    rows = [tuple(seqs[c]) for c in order]
+    # depth first: the contexts sharing any prefix form one contiguous run
+    for c in range(len(seqs)):
+        for d in range(1, len(seqs[c]) + 1):
+            hits = [i for i, r in enumerate(rows) if r[:d] == tuple(seqs[c][:d])]
+            assert hits == list(range(hits[0], hits[-1] + 1))
+    # the first context served belongs to the top-level subtree of the earliest arrival
+    assert rows[0][0] == seqs[0][0]
