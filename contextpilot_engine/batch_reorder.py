@@ -11,7 +11,9 @@ side and the one whose tree saves more tokens wins:
   several strategies are configured it is skipped above
   ``LEVEL_GREEDY_MAX_CONTEXTS`` contexts, where it never won.
 
-Both are near-linear; neither looks at all pairs.  Contexts may come with a
+Both are near-linear; neither looks at all pairs.  The winner is then
+polished by :mod:`.local_search` (contexts re-inserted along their best
+existing path) when the batch is small enough for that Python pass.  Contexts may come with a
 fixed *prefix* (input positions that must come first, e.g. the blocks the
 engine still holds from an earlier request): those contexts start in a group
 of their own, keyed by the prefix, and only share further inside that group.
@@ -29,6 +31,7 @@ from .candidates import CandidateConfig, candidate_pairs
 from .interning import InternedBatch, intern_batch
 from .kernels import OverlapBackend
 from .level_greedy import level_greedy
+from .local_search import POLISH_MAX_ITEMS, polish
 from .merge_tree import merge_tree
 from .schedule import arrival_dfs_order, prefix_reuse
 
@@ -137,6 +140,13 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
     best = max(strategies, key=lambda s: (scored[s][0], -strategies.index(s)))
     seq = results[best]
     reuse, order = scored[best]
+    if len(batch.items) <= POLISH_MAX_ITEMS:
+        fixed_len = np.bincount(ctx[fixed], minlength=n)
+        polished = polish(batch.lengths, batch.starts, seq, batch.weights, fixed_len)
+        p_reuse, p_order = prefix_reuse(batch.lengths, batch.starts, polished, batch.weights)
+        scored[best + "+polish"] = (p_reuse, p_order)
+        if p_reuse > reuse:
+            best, seq, reuse, order = best + "+polish", polished, p_reuse, p_order
 
     # positions: item -> input position inside each context (items are distinct within a context)
     n_items = max(1, batch.n_items)

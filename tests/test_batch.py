@@ -117,3 +117,20 @@ def test_arrival_dfs_order_is_depth_first_and_prefers_early_arrivals(seqs):
             assert hits == list(range(hits[0], hits[-1] + 1))
     # the first context served belongs to the top-level subtree of the earliest arrival
     assert rows[0][0] == seqs[0][0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches, st.data())
+def test_polish_never_loses_reuse_and_keeps_fixed_prefixes(contexts, data):
+    from contextpilot_engine.local_search import polish
+
+    ib = intern_batch(parse(contexts))
+    seq = ib.items.copy()  # retrieval order as the starting plan
+    fixed = np.array([data.draw(st.integers(0, int(n))) for n in ib.lengths])
+    before = prefix_reuse(ib.lengths, ib.starts, seq, ib.weights)[0]
+    after_seq = polish(ib.lengths, ib.starts, seq, ib.weights, fixed)
+    assert prefix_reuse(ib.lengths, ib.starts, after_seq, ib.weights)[0] >= before
+    for c in range(ib.n_contexts):
+        a, b = ib.row(c), after_seq[ib.starts[c] : ib.starts[c + 1]]
+        assert sorted(a.tolist()) == sorted(b.tolist())
+        assert (a[: fixed[c]] == b[: fixed[c]]).all()
