@@ -28,6 +28,7 @@ class PilotConfig:
     max_nodes: int = IndexLimits.max_nodes
     max_tenants: int = IndexLimits.max_tenants
     max_tracked_blocks: int = IndexLimits.max_tracked_blocks
+    popularity_decay: float = IndexLimits.popularity_decay
     # ---- input limits
     max_blocks_per_context: int = 4096
     # ---- scheduling: in a batch, request i runs at position i + max_delay at the latest (None: no
@@ -55,6 +56,7 @@ class PilotConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        IndexLimits(popularity_decay=self.popularity_decay)  # validates it, naming the option
         d = self.max_delay
         if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 0):
             raise ValueError(f"max_delay: expected an int >= 0 or None, got {d!r}")
@@ -75,7 +77,9 @@ class PilotConfig:
 
     @property
     def index_limits(self) -> IndexLimits:
-        return IndexLimits(self.capacity_tokens, self.max_nodes, self.max_tenants, self.max_tracked_blocks)
+        return IndexLimits(
+            self.capacity_tokens, self.max_nodes, self.max_tenants, self.max_tracked_blocks, self.popularity_decay
+        )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "PilotConfig":

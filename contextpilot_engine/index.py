@@ -53,10 +53,15 @@ class IndexLimits:
     max_tenants: int = 1024
     #: blocks whose popularity one tenant tracks
     max_tracked_blocks: int = 200_000
+    #: per-request discount of a block's popularity since it was last requested (1: none)
+    popularity_decay: float = 0.97
 
     def __post_init__(self) -> None:
         for name in ("capacity_tokens", "max_nodes", "max_tenants", "max_tracked_blocks"):
             check_int(getattr(self, name), name, minimum=1)
+        d = self.popularity_decay
+        if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0.0 < d <= 1.0:
+            raise ValueError(f"popularity_decay: expected a number in (0, 1], got {d!r}")
 
 
 class TenantState:
@@ -98,7 +103,7 @@ class ContextIndex:
                 return state
             trie = BlockTrie(self._new_id, self.limits.capacity_tokens, self.limits.max_nodes, self._unbind)
             trie.engine_page_size = self.page_size
-            state = TenantState(name, trie, BlockPopularity(self.limits.max_tracked_blocks))
+            state = TenantState(name, trie, BlockPopularity(self.limits.max_tracked_blocks, self.limits.popularity_decay))
             self._tenants[name] = state
             while len(self._tenants) > self.limits.max_tenants:
                 _, old = self._tenants.popitem(last=False)

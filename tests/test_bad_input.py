@@ -77,3 +77,5 @@ def test_bad_constructor_options():
         ContextPilot(strategies=("magic",))
     with pytest.raises(ValueError, match="hint_template"):
         ContextPilot(hint_template="{unknown_field}")
+    with pytest.raises(ValueError, match="popularity_decay"):
+        ContextPilot(popularity_decay=0)

@@ -82,3 +82,18 @@ def test_order_online_matches_index_state():
     assert [2 - j for j in order2] == order and hit2 == 3 + sum(b.tokens for b in blocks)
 
 
+
+
+def test_recently_requested_blocks_lead_over_stale_popular_ones():
+    from contextpilot_engine.online_reorder import canonical_order
+    from contextpilot_engine.popularity import BlockPopularity
+
+    old, recent = (make_block(t, lambda _: 10, "b") for t in ("old favourite", "recent topic"))
+    for decay, leader in ((0.5, recent), (1.0, old)):
+        pop = BlockPopularity(100, decay)
+        for _ in range(4):
+            pop.add([old.key])
+        for _ in range(2):
+            pop.add([recent.key])
+        blocks = [old, recent]
+        assert blocks[canonical_order(blocks, [0, 1], pop)[0]] is leader

@@ -46,6 +46,7 @@ _CORE_HELP = {
     "max_nodes": "Prefix-tree nodes kept per tenant.",
     "max_tenants": "Tenants kept at once (least recently used dropped first).",
     "max_tracked_blocks": "Blocks whose popularity each tenant tracks.",
+    "popularity_decay": "Per-request discount of a block's popularity since it was last requested (1: none).",
     "max_blocks_per_context": "Most context blocks accepted in one request.",
     "max_delay": "Batch scheduling bound of the library's offline API (int, or 'none').",
     "hint_template": "Text replacing a block already sent in the conversation; fields {doc_id} {turn} {position}.",
@@ -93,6 +94,8 @@ def cli_options() -> list[tuple[str, Any, str]]:
             kind = "bool"
         elif isinstance(default, int):
             kind = int
+        elif isinstance(default, float):
+            kind = float
         else:
             kind = str
         shown = ",".join(default) if isinstance(default, tuple) else default
