@@ -25,57 +25,28 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOCK="$REPO_ROOT/requirements/engine.lock"
-CACHE="${CONTEXTPILOT_CACHE:-$HOME/.cache/contextpilot-engine}"
-BASE_PYTHON="${CONTEXTPILOT_BASE_PYTHON:-python3}"
+TAG=setup_env
+# shellcheck source=lib/cached_venv.sh
+source "$REPO_ROOT/scripts/lib/cached_venv.sh"
 # Used only if the lock ever stops pinning setuptools (pip freeze omits it by default).
 SETUPTOOLS_FALLBACK_PIN="setuptools==78.1.1"
 
-# Keep the real stdout on fd 3 and send everything else to stderr.
-exec 3>&1 1>&2
-
-log() { printf '[setup_env] %s\n' "$*" >&2; }
-die() { printf '[setup_env] ERROR: %s\n' "$*" >&2; exit 1; }
-
-[[ -f "$LOCK" ]] || die "lock file not found: $LOCK"
-command -v "$BASE_PYTHON" >/dev/null || die "base interpreter '$BASE_PYTHON' not found"
+cached_venv_paths "$LOCK" venv
 # The lock pins cp311 wheels (torch 2.13.0+cpu exists on this machine only for 3.11).
 "$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
     || die "$BASE_PYTHON is $("$BASE_PYTHON" -V 2>&1); requirements/engine.lock needs Python 3.11"
 
-LOCK_HASH="$(sha256sum "$LOCK" | cut -c1-16)"
-VENV="$CACHE/venv-$LOCK_HASH"
-PY="$VENV/bin/python"
-MARKER="$VENV/.contextpilot-venv-complete"
-LOGDIR="$CACHE/logs"
-LOGFILE="$LOGDIR/setup-$LOCK_HASH.log"
-mkdir -p "$CACHE" "$LOGDIR"
-
-# Run a command with its output appended to the log; on failure show the log's tail and stop.
-run_logged() {
-    local what="$1"; shift
-    printf '\n### %s: %s\n' "$(date -Is)" "$*" >>"$LOGFILE"
-    if ! "$@" >>"$LOGFILE" 2>&1; then
-        printf '[setup_env] ERROR: %s failed; last lines of %s:\n' "$what" "$LOGFILE" >&2
-        tail -n 40 "$LOGFILE" >&2
-        exit 1
-    fi
-}
-
 build_venv() {
     local t0=$SECONDS
-    if [[ -e "$VENV" ]]; then
-        log "removing incomplete venv $VENV (no completion marker)"
-        rm -rf "$VENV"
-    fi
     log "creating $VENV from $LOCK (cold install, a few minutes; log: $LOGFILE)"
-    run_logged "venv creation" "$BASE_PYTHON" -m venv "$VENV"
+    fresh_venv
     run_logged "pip install of the lock" "$PY" -m pip install --no-deps --progress-bar off \
         -r "$LOCK"
     if ! grep -qi '^setuptools==' "$LOCK"; then
         run_logged "setuptools install" "$PY" -m pip install --no-deps --progress-bar off \
             "$SETUPTOOLS_FALLBACK_PIN"
     fi
-    printf 'lock=%s\nbuilt=%s\n' "$LOCK_HASH" "$(date -Is)" >"$MARKER"
+    printf 'lock=%s\nbuilt=%s\n' "$HASH" "$(date -Is)" >"$MARKER"
     log "venv ready in $((SECONDS - t0)) s"
 }
 
@@ -91,13 +62,8 @@ build_venv() {
     # The venv is shared by all clones: point its editable install at this one.
     run_logged "editable install of $REPO_ROOT" "$PY" -m pip install --no-deps --no-build-isolation \
         --progress-bar off -e "$REPO_ROOT"
-
-    # Run from a neutral directory so the check imports the installed package, not ./contextpilot_engine.
-    if ! (cd / && "$PY" -c 'from vllm import LLM; import contextpilot_engine' >>"$LOGFILE" 2>&1); then
-        tail -n 40 "$LOGFILE" >&2
-        die "venv $VENV cannot import vllm.LLM and contextpilot_engine (see above)"
-    fi
-} 9>"$CACHE/venv-$LOCK_HASH.lock"
+    check_import 'from vllm import LLM; import contextpilot_engine' "vllm.LLM and contextpilot_engine"
+} 9>"$LOCKFILE"
 
 log "ok"
 printf '%s\n' "$PY" >&3

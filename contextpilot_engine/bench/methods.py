@@ -1,0 +1,295 @@
+"""The methods compared side by side, each producing the prompts it would send.
+
+* ``retrieval order``: blocks as retrieved, requests as they arrived;
+* ``frequency sort``: :func:`.baselines.frequency_sort`;
+* ``ours offline``: ``ContextPilot.optimize_batch`` on the whole batch;
+* ``ours online``: ``ContextPilot.optimize`` one request at a time, in
+  arrival order, its index capacity set to the simulated cache's;
+* ``ours online+dedup`` (conversation workloads): the same with each
+  request's ``conversation_id``, so blocks sent earlier in the conversation
+  become hints;
+* ``reference offline`` / ``reference online``: ContextPilot 0.5.0's
+  ``reorder`` on the batch / once per request (:mod:`.reference`).
+
+Every method's prompts are rendered in the same layout
+(:mod:`contextpilot_engine.prompts`), so only block order and execution
+order differ.  For *causal* workloads (chat and agent turns) every method
+executes in arrival order and only reorders blocks inside a request.
+
+Block conservation: each result records, per request, which input
+positions were sent (in prompt order), replaced by a dedup hint, rewritten
+(repeated chunks replaced), or **dropped**: missing from the method's output.
+The reference drops repeated blocks; for scoring, a dropped block is
+appended after the method's own blocks, so its tokens still count as prompt
+tokens (almost always uncached) and no method gains hits by deleting
+content.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .. import ContextPilot
+from ..blocks import make_block
+from ..prompts import position_labels, render_messages
+from .baselines import frequency_sort, retrieval_order
+from .prompt_model import split_prompt
+from .reference import ReferenceRunner
+from .workloads import Workload
+
+__all__ = [
+    "MethodResult",
+    "run_retrieval",
+    "run_frequency",
+    "run_ours_offline",
+    "run_ours_online",
+    "run_reference_offline",
+    "run_reference_online",
+    "block_ids",
+    "match_positions",
+]
+
+
+@dataclass
+class MethodResult:
+    name: str
+    kind: str  # "offline" or "online"
+    order: list[int]  # execution order of the requests
+    messages: dict[int, list[dict]]  # request -> messages sent (dropped blocks re-appended)
+    served: dict[int, list[int]]  # request -> input positions of the sent blocks, in prompt order
+    hinted: dict[int, list[int]] = field(default_factory=dict)
+    rewritten: dict[int, list[int]] = field(default_factory=dict)
+    dropped: dict[int, list[int]] = field(default_factory=dict)
+    invented: int = 0  # output blocks that match no input block
+    seconds: float | None = None  # the method's own planning time, all calls
+    latencies: list[float] | None = None  # per call (online)
+    dedup_tokens_saved: int = 0
+    crashed_after: int | None = None
+    error: str | None = None
+    note: str = ""
+
+    @property
+    def dropped_blocks(self) -> int:
+        return sum(len(v) for v in self.dropped.values())
+
+    @property
+    def requests_with_drops(self) -> int:
+        return sum(1 for v in self.dropped.values() if v)
+
+    def conserved(self) -> bool:
+        return self.dropped_blocks == 0 and self.invented == 0
+
+    def sequences(self, wl: Workload) -> list[list[str]]:
+        """Per request, the block texts as finally placed (dropped ones appended), for trie reuse."""
+        out = []
+        for i, r in enumerate(wl.requests):
+            pos = self.served.get(i, []) + self.dropped.get(i, [])
+            out.append([r.contexts[p] for p in pos])
+        return out
+
+
+class _Renderer:
+    """Renders any block order in the shared prompt layout."""
+
+    def __init__(self, count: Callable[[str], int]):
+        self.pilot = ContextPilot(tokenizer=count)
+        self.count = count
+        self.preamble = self.pilot.layout.preamble(None, count)
+        self._blocks: dict[str, object] = {}
+
+    def _block(self, text: str):
+        b = self._blocks.get(text)
+        if b is None:
+            b = self._blocks[text] = make_block(text, self.count, "block")
+        return b
+
+    def render(self, texts: Sequence[str], order: Sequence[int], query: str) -> list[dict]:
+        """Messages for ``texts`` placed in ``order`` (input positions)."""
+        blocks = [self._block(texts[j]) for j in order]
+        return render_messages(self.pilot.layout, self.preamble, blocks, position_labels(list(order)), query)
+
+
+def match_positions(texts: Sequence[str], output: Sequence[str]) -> tuple[list[int], list[int], int]:
+    """Map output blocks to input positions (multiset matching, earliest copy first).
+
+    Returns (positions of the output blocks that matched, input positions
+    never output, number of output blocks that matched nothing).
+    """
+    slots: dict[str, deque] = defaultdict(deque)
+    for j, t in enumerate(texts):
+        slots[t].append(j)
+    matched, invented = [], 0
+    for t in output:
+        q = slots.get(t)
+        if q:
+            matched.append(q.popleft())
+        else:
+            invented += 1
+    left = sorted(j for q in slots.values() for j in q)
+    return matched, left, invented
+
+
+def _from_orders(name: str, kind: str, wl: Workload, renderer: _Renderer, perms, order, seconds=None) -> MethodResult:
+    messages, served = {}, {}
+    for i, r in enumerate(wl.requests):
+        messages[i] = renderer.render(r.contexts, perms[i], r.query)
+        served[i] = list(perms[i])
+    return MethodResult(name, kind, list(order), messages, served, seconds=seconds)
+
+
+def _arrival(wl: Workload) -> list[int]:
+    return list(range(len(wl.requests)))
+
+
+def run_retrieval(wl: Workload, renderer: _Renderer) -> MethodResult:
+    perms, order = retrieval_order(wl.contexts)
+    return _from_orders("retrieval order", "offline", wl, renderer, perms, order)
+
+
+def run_frequency(wl: Workload, renderer: _Renderer) -> MethodResult:
+    start = time.perf_counter()
+    perms, order = frequency_sort(wl.contexts)
+    seconds = time.perf_counter() - start
+    if wl.causal:
+        order = _arrival(wl)
+    return _from_orders("frequency sort", "offline", wl, renderer, perms, order, seconds)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def run_ours_offline(wl: Workload, count: Callable[[str], int], repeats: int = 1) -> MethodResult:
+    """``optimize_batch`` on the whole batch; ``seconds`` is the median over ``repeats`` fresh instances."""
+    times = []
+    for _ in range(max(1, repeats)):
+        pilot = ContextPilot(tokenizer=count)
+        start = time.perf_counter()
+        batch_messages, schedule = pilot.optimize_batch(wl.contexts, wl.queries)
+        times.append(time.perf_counter() - start)
+    seconds = _median(times)
+    messages, served, dropped, invented = {}, {}, {}, 0
+    for msgs, i in zip(batch_messages, schedule):
+        texts = wl.requests[i].contexts
+        sent = split_prompt(msgs).blocks
+        pos, left, extra = match_positions(texts, sent)
+        messages[i], served[i], dropped[i] = msgs, pos, left
+        invented += extra
+    order = _arrival(wl) if wl.causal else list(schedule)
+    note = "per-request orders from the batch plan, executed in arrival order" if wl.causal else ""
+    return MethodResult(
+        "ours offline",
+        "offline",
+        order,
+        messages,
+        served,
+        dropped=dropped,
+        invented=invented,
+        seconds=seconds,
+        note=note,
+    )
+
+
+def run_ours_online(
+    wl: Workload, count: Callable[[str], int], capacity_tokens: int | None, dedup: bool = False
+) -> MethodResult:
+    """``optimize`` per request; ``capacity_tokens`` is told to the index (None: effectively unlimited)."""
+    pilot = ContextPilot(tokenizer=count, capacity_tokens=capacity_tokens or 10**12)
+    messages, served, hinted, rewritten, dropped = {}, {}, {}, {}, {}
+    latencies, saved, invented = [], 0, 0
+    for i, r in enumerate(wl.requests):
+        cid = r.conversation if dedup else None
+        start = time.perf_counter()
+        msgs, report = pilot.optimize_with_report(r.contexts, r.query, conversation_id=cid)
+        latencies.append(time.perf_counter() - start)
+        sent_pos = list(report["order"])
+        sent = split_prompt(msgs).blocks
+        if len(sent) != len(sent_pos):
+            raise AssertionError(f"request {i}: {len(sent)} block lines but the report lists {len(sent_pos)}")
+        changed = [p for p, t in zip(sent_pos, sent) if t != r.contexts[p]]
+        all_pos = Counter(range(len(r.contexts)))
+        all_pos.subtract(sent_pos)
+        rest = sorted(p for p, c in all_pos.items() if c > 0)
+        invented += sum(-c for c in all_pos.values() if c < 0)
+        n_hint = report["blocks_deduplicated"]
+        messages[i], served[i], rewritten[i] = msgs, sent_pos, changed
+        hinted[i], dropped[i] = rest[:n_hint], rest[n_hint:]
+        saved += report["tokens_saved_by_dedup"]
+    name = "ours online+dedup" if dedup else "ours online"
+    return MethodResult(
+        name,
+        "online",
+        _arrival(wl),
+        messages,
+        served,
+        hinted=hinted,
+        rewritten=rewritten,
+        dropped=dropped,
+        invented=invented,
+        seconds=sum(latencies),
+        latencies=latencies,
+        dedup_tokens_saved=saved,
+    )
+
+
+def block_ids(wl: Workload) -> tuple[list[list[int]], dict[int, str]]:
+    """Integer ids for block texts (first appearance order), for the reference driver."""
+    ids: dict[str, int] = {}
+    out = [[ids.setdefault(t, len(ids)) for t in r.contexts] for r in wl.requests]
+    return out, {v: k for k, v in ids.items()}
+
+
+def _reference_result(name, kind, wl, renderer, outputs: dict[int, list[int]], id_text, order, **extra):
+    messages, served, dropped, invented = {}, {}, {}, 0
+    for i, r in enumerate(wl.requests):
+        if i in outputs:
+            pos, left, bad = match_positions(r.contexts, [id_text.get(x, f"<unknown {x}>") for x in outputs[i]])
+        else:  # never served by the reference (it crashed first): retrieval order
+            pos, left, bad = list(range(len(r.contexts))), [], 0
+        served[i], dropped[i] = pos, left
+        invented += bad
+        messages[i] = renderer.render(r.contexts, pos + left, r.query)
+    return MethodResult(name, kind, order, messages, served, dropped=dropped, invented=invented, **extra)
+
+
+def run_reference_offline(
+    wl: Workload, renderer: _Renderer, runner: ReferenceRunner, repeats: int = 1
+) -> MethodResult:
+    ids, id_text = block_ids(wl)
+    res = runner.offline(ids, repeats)
+    order = [int(i) for i in res["order"]]
+    outputs = {i: c for i, c in zip(order, res["reordered"])}
+    exec_order = _arrival(wl) if wl.causal else order
+    return _reference_result(
+        "reference offline", "offline", wl, renderer, outputs, id_text, exec_order, seconds=res["seconds"]
+    )
+
+
+def run_reference_online(wl: Workload, renderer: _Renderer, runner: ReferenceRunner) -> MethodResult:
+    ids, id_text = block_ids(wl)
+    res = runner.online(ids, [r.conversation for r in wl.requests])
+    outputs = {i: c for i, c in enumerate(res["reordered"])}
+    note = ""
+    if res["crashed_after"] is not None:
+        note = (
+            f"crashed after {res['crashed_after']} requests ({res['error']}); "
+            "the remaining requests are scored in retrieval order"
+        )
+    return _reference_result(
+        "reference online",
+        "online",
+        wl,
+        renderer,
+        outputs,
+        id_text,
+        _arrival(wl),
+        seconds=res["seconds"],
+        latencies=res["latencies"],
+        crashed_after=res["crashed_after"],
+        error=res["error"],
+        note=note,
+    )

@@ -1,0 +1,62 @@
+# Shared by scripts/setup_env.sh and scripts/setup_reference.sh (source it, do not run it).
+#
+# Both build a venv once under the cache root, keyed by the hash of a requirements file, and print
+# its python as the last line of stdout. A venv is not relocatable (scripts carry absolute
+# shebangs), so it is built in place and a marker file is written as the very last step: a venv
+# without the marker (an interrupted build) is deleted and rebuilt. A flock on LOCKFILE serialises
+# concurrent runs. pip's output goes to a log file and progress lines to stderr.
+#
+# The caller sets TAG (the log prefix) before sourcing, then calls cached_venv_paths.
+
+CACHE="${CONTEXTPILOT_CACHE:-$HOME/.cache/contextpilot-engine}"
+BASE_PYTHON="${CONTEXTPILOT_BASE_PYTHON:-python3}"
+
+# Keep the real stdout on fd 3 and send everything else to stderr.
+exec 3>&1 1>&2
+
+log() { printf '[%s] %s\n' "$TAG" "$*" >&2; }
+die() { printf '[%s] ERROR: %s\n' "$TAG" "$*" >&2; exit 1; }
+
+# cached_venv_paths REQUIREMENTS PREFIX: sets HASH VENV PY MARKER LOGFILE LOCKFILE.
+cached_venv_paths() {
+    local reqs="$1" prefix="$2"
+    [[ -f "$reqs" ]] || die "requirements file not found: $reqs"
+    command -v "$BASE_PYTHON" >/dev/null || die "base interpreter '$BASE_PYTHON' not found"
+    HASH="$(sha256sum "$reqs" | cut -c1-16)"
+    VENV="$CACHE/$prefix-$HASH"
+    PY="$VENV/bin/python"
+    MARKER="$VENV/.contextpilot-$prefix-complete"
+    LOGFILE="$CACHE/logs/setup-$prefix-$HASH.log"
+    LOCKFILE="$CACHE/$prefix-$HASH.lock"
+    mkdir -p "$CACHE" "$CACHE/logs"
+}
+
+# Run a command with its output appended to the log; on failure show the log's tail and stop.
+run_logged() {
+    local what="$1"; shift
+    printf '\n### %s: %s\n' "$(date -Is)" "$*" >>"$LOGFILE"
+    if ! "$@" >>"$LOGFILE" 2>&1; then
+        printf '[%s] ERROR: %s failed; last lines of %s:\n' "$TAG" "$what" "$LOGFILE" >&2
+        tail -n 40 "$LOGFILE" >&2
+        exit 1
+    fi
+}
+
+# Delete a venv left without its marker by an interrupted build, then create an empty one.
+fresh_venv() {
+    if [[ -e "$VENV" ]]; then
+        log "removing incomplete venv $VENV (no completion marker)"
+        rm -rf "$VENV"
+    fi
+    run_logged "venv creation" "$BASE_PYTHON" -m venv "$VENV"
+}
+
+# Fail with the log's tail unless the venv's python (run from / so that it sees the installed
+# packages, not a checkout) can execute the given code.
+check_import() {
+    local code="$1" what="$2"
+    if ! (cd / && "$PY" -c "$code" >>"$LOGFILE" 2>&1); then
+        tail -n 40 "$LOGFILE" >&2
+        die "venv $VENV cannot import $what (see above)"
+    fi
+}
