@@ -49,14 +49,37 @@ def _add(root: _Node, seq: list[int]) -> None:
         node = child
 
 
-def _remove(root: _Node, seq: list[int]) -> None:
-    node = root
+def _detach(root: _Node, seq: list[int], w: list[int]) -> tuple[int, tuple[_Node, int, _Node] | None]:
+    """Take ``seq`` out of the tree; return the tokens it still shares with the others and what was cut.
+
+    Counts drop along the path; the first node that only ``seq`` went
+    through is cut off whole (its subtree is ``seq``'s private tail) and
+    returned as ``(parent, item, node)`` so :func:`_reattach` can put it
+    back without rebuilding it.
+    """
+    node, shared = root, 0
     for item in seq:
         child = node.children[item]
         child.count -= 1
         if child.count == 0:
             del node.children[item]
+            return shared, (node, item, child)
+        shared += w[item]
+        node = child
+    return shared, None
+
+
+def _reattach(root: _Node, seq: list[int], cut: tuple[_Node, int, _Node] | None) -> None:
+    """Undo :func:`_detach` of an unchanged ``seq``."""
+    node = root
+    for item in seq:
+        child = node.children.get(item)
+        if child is None:  # the cut point: its parent is ``node``
+            parent, key, sub = cut  # type: ignore[misc]
+            sub.count = 1
+            parent.children[key] = sub
             return
+        child.count += 1
         node = child
 
 
@@ -127,15 +150,7 @@ def polish(
             if work <= 0:
                 break
             s = seqs[c]
-            _remove(root, s)
-            # what it shares now with the others
-            current, node = 0, root
-            for item in s:
-                child = node.children.get(item)
-                if child is None:
-                    break
-                current += w[item]
-                node = child
+            current, cut = _detach(root, s, w)  # what it shares with the others
             # walk its fixed prefix, then search below it
             head, start, base = s[: keep[c]], root, 0
             for item in head:
@@ -152,9 +167,11 @@ def polish(
                 work -= visited
                 if base + gain > current:
                     rest.difference_update(path)
-                    seqs[c] = s = head + path + sorted(rest)
+                    seqs[c] = head + path + sorted(rest)
                     moved += 1
-            _add(root, s)
+                    _add(root, seqs[c])
+                    continue
+            _reattach(root, s, cut)
         if not moved or work <= 0:
             break
     return np.fromiter((x for s in seqs for x in s), dtype=np.int64, count=len(flat))

@@ -61,6 +61,48 @@ def _best_partner(a: np.ndarray, b: np.ndarray, gain: np.ndarray, n_nodes: int) 
     return best
 
 
+def _add_adoptions(a, b, gain, best, core_w, n_nodes, ma, mb, mg, keep_a, keep_b):
+    """Add the merges that are mutual up to ties: a node adopting every partner whose best edge it is.
+
+    A node ``X`` can never gain more than its own core with anyone, so an
+    edge that shares ``X``'s whole core is one of ``X``'s best edges, tied
+    with every other such edge.  If it is also the partner ``Y``'s best
+    edge, the pair is mutually best (up to that tie) and ``X`` adopts ``Y``
+    without changing its core, so all such adoptions of one round are
+    independent and happen at once.  Without this a popular core absorbs
+    its members one per round (thousands of rounds on 100k contexts).
+    Left out: adopters that another merge of this round moves, and chains
+    (an adopter that is itself being adopted).
+    """
+    e = np.arange(len(a))
+    side_b = (best[b] == e) & (best[a] != e) & (gain == core_w[a])  # a adopts b
+    side_a = (best[a] == e) & (best[b] != e) & (gain == core_w[b])  # b adopts a
+    if not (side_a.any() or side_b.any()):
+        return ma, mb, mg, keep_a, keep_b
+    xs = np.concatenate([a[side_b], b[side_a]])
+    ys = np.concatenate([b[side_b], a[side_a]])
+    gs = np.concatenate([gain[side_b], gain[side_a]])
+    moved = np.zeros(n_nodes, dtype=bool)  # nodes this round's mutual merges re-parent
+    moved[mb[keep_a]] = True
+    moved[ma[keep_b]] = True
+    fresh = ~keep_a & ~keep_b
+    moved[ma[fresh]] = True
+    moved[mb[fresh]] = True
+    adopted = np.zeros(n_nodes, dtype=bool)
+    adopted[ys] = True
+    ok = ~moved[xs] & ~adopted[xs]
+    if not ok.any():
+        return ma, mb, mg, keep_a, keep_b
+    k = int(ok.sum())
+    return (
+        np.concatenate([ma, xs[ok]]),
+        np.concatenate([mb, ys[ok]]),
+        np.concatenate([mg, gs[ok]]),
+        np.concatenate([keep_a, np.ones(k, dtype=bool)]),
+        np.concatenate([keep_b, np.zeros(k, dtype=bool)]),
+    )
+
+
 def merge_tree(
     lengths: np.ndarray,
     starts: np.ndarray,
@@ -105,6 +147,7 @@ def merge_tree(
         # a side whose whole core is shared keeps its node and adopts the other side
         keep_a = mg == core_w[ma]
         keep_b = ~keep_a & (mg == core_w[mb])
+        ma, mb, mg, keep_a, keep_b = _add_adoptions(a, b, gain, best, core_w, n_nodes, ma, mb, mg, keep_a, keep_b)
         fresh = ~keep_a & ~keep_b
         target = np.where(keep_a, ma, np.where(keep_b, mb, -1))
         k = int(fresh.sum())
