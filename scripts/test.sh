@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="$(bash scripts/setup_env.sh | tail -n 1)"
-export CONTEXTPILOT_REF_PYTHON="$(bash scripts/setup_reference.sh | tail -n 1)"
+REF_PY="$(bash scripts/setup_reference.sh | tail -n 1)"
+export CONTEXTPILOT_REF_PYTHON="$REF_PY"
 # Engine, Triton and reference tests must run here, never silently skip.
 export CONTEXTPILOT_REQUIRE_ENGINE=1
 exec "$PY" -m pytest -q "$@"

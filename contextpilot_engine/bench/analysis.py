@@ -62,11 +62,14 @@ def _cap_label(fraction: float) -> str:
     return f"{fraction:.0%}"
 
 
-def run_methods(wl: Workload, count: Callable[[str], int], opts: Options, capacity: int | None) -> tuple[list, dict]:
-    """All methods on ``wl``.
+def run_methods(
+    wl: Workload, count: Callable[[str], int], opts: Options, capacity: int | None
+) -> tuple[list[MethodResult], dict[str, MethodResult], dict[str, str]]:
+    """All methods on ``wl``: ``(results, capped, errors)``.
 
-    Returns (results, online runs told ``capacity`` keyed by method name, errors
-    of reference runs that failed).
+    ``results`` holds every method's run; ``capped`` the online runs that
+    were told the small cache's ``capacity``, keyed by the method they stand
+    in for; ``errors`` the reference runs that failed, keyed by method name.
     """
     renderer = _Renderer(count)
     say = opts.progress

@@ -116,14 +116,8 @@ def overlap_matrix(batch: Interned, max_n: int = 8000) -> np.ndarray:
     n = batch.n
     if n > max_n:
         raise ValueError(f"{n} requests: the all-pairs overlap matrix is refused above max_n={max_n}")
-    lengths = np.fromiter((len(r) for r in batch.rows), dtype=np.int64, count=n)
-    items = np.concatenate(batch.rows) if n else np.zeros(0, np.int64)
-    owner = np.repeat(np.arange(n, dtype=np.int64), lengths)
-    order = np.argsort(items, kind="stable")
-    items, owner = items[order], owner[order]
     W = np.zeros((n, n), dtype=np.int64)
-    cuts = np.flatnonzero(np.diff(items)) + 1
-    for posting, item in zip(np.split(owner, cuts), items[np.r_[0, cuts]] if len(items) else []):
+    for item, posting in enumerate(_postings(batch)):
         if len(posting) > 1:
             W[np.ix_(posting, posting)] += batch.weights[item]
     np.fill_diagonal(W, 0)
@@ -147,13 +141,6 @@ def mst_bound(W: np.ndarray) -> int:
         in_tree[v] = True
         np.maximum(best, W[v], out=best)
     return total
-
-
-def _harmonic(overlaps: np.ndarray) -> float:
-    """``integral (1 - 1/(1 + #{j : w_ij >= x})) dx = sum_k w_(k) / (k (k + 1))``."""
-    w = np.sort(overlaps[overlaps > 0])[::-1].astype(np.float64)
-    k = np.arange(1, len(w) + 1, dtype=np.float64)
-    return float((w / (k * (k + 1))).sum())
 
 
 def _postings(batch: Interned) -> list[np.ndarray]:

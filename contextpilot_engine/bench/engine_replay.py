@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..pages import chain_page_keys
 from .simulator import TokenPrefixCache
 
 __all__ = ["EngineReplay", "ReplayJob", "replay_jobs", "chat_token_ids", "unique_pages"]
@@ -146,10 +147,4 @@ def replay_jobs(
 
 def unique_pages(prompts: list[list[int]], block_size: int) -> int:
     """Distinct full pages (chained hashes) over the prompts: the unique tokens of the batch, in blocks."""
-    seen = set()
-    for p in prompts:
-        parent = None
-        for s in range(0, len(p) - block_size + 1, block_size):
-            parent = hash((parent, tuple(p[s : s + block_size])))
-            seen.add(parent)
-    return len(seen)
+    return len({key for p in prompts for key in chain_page_keys(p, block_size)})

@@ -32,10 +32,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .presets import RAG_CALIBRATION
+
 __all__ = ["batch_overhead", "batch_overhead_in_child", "online_latency", "rag_stream", "RAG_OVERHEAD_PARAMS"]
 
 #: the batch used for overheads: the calibrated top-20 RAG batch of the suite
-RAG_OVERHEAD_PARAMS = dict(top_k=20, zipf_alpha=1.25, topic_alpha=1.0, topic_share=0.3, coupled=True)
+RAG_OVERHEAD_PARAMS = dict(top_k=20, **RAG_CALIBRATION)
 
 
 def _status_kb(field: str) -> int:

@@ -37,6 +37,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Hashable, Iterable, Sequence
 
+from ..pages import chain_page_keys
+
 __all__ = ["PrefixCacheSimulator", "TokenPrefixCache", "Segment", "simulate", "hit_ratio"]
 
 Segment = tuple[Hashable, int]
@@ -160,12 +162,7 @@ class TokenPrefixCache:
 
     def _pages(self, token_ids: Sequence[int]) -> list[tuple[Hashable, int]]:
         bs = self.block_size
-        parent: Hashable = None
-        pages = []
-        for start in range(0, len(token_ids) - bs + 1, bs):
-            parent = hash((parent, tuple(token_ids[start : start + bs])))
-            pages.append((parent, bs))
-        return pages
+        return [(key, bs) for key in chain_page_keys(token_ids, bs)]
 
     def serve(self, token_ids: Sequence[int]) -> int:
         pages = self._pages([int(t) for t in token_ids])

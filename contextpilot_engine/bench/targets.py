@@ -59,14 +59,18 @@ def evaluate_targets(result: dict) -> list[dict]:
                     continue
                 crash = m[ref].get("crashed_after")
                 before = m[ref].get("sim_before_crash")
-                if crash is not None and before and "sim_before_crash" in m[ours]:
-                    # like for like: both online runs on the requests the reference served
+                like_for_like = crash is not None and bool(before) and "sim_before_crash" in m[ours]
+                if like_for_like:
+                    # both online runs on the requests the reference served
                     o = m[ours]["sim_before_crash"][cap]["hit_ratio"]
                     r = before[cap]["hit_ratio"]
-                ratio = o / r if r else float("inf")
-                ok = ratio >= HIT_TARGET
+                # no reuse at all on either side is no evidence of being better
+                ratio = o / r if r else (float("inf") if o else None)
+                ok = ratio is not None and ratio >= HIT_TARGET
                 note = "" if ok else _gap_note(wl, ours, ref, cap)
-                if crash is not None:
+                if ratio is None:
+                    note = "neither method reuses anything here"
+                if like_for_like:
                     note = (note + "; " if note else "") + (
                         f"the reference crashed after {crash} requests; compared on those {crash}"
                     )

@@ -165,7 +165,7 @@ def rag_batch(
     chunks saturate (they appear in almost every request) and the Zipf
     exponent understates the skew: on a 2,000-chunk corpus, 3% of the chunks
     draw 40-46% of the retrievals at ``zipf_alpha=1``; RAGCache's 60% needs
-    ``zipf_alpha=1.2, topic_alpha=1, topic_share=0.3, coupled=True``
+    ``zipf_alpha=1.25, topic_alpha=1, topic_share=0.3, coupled=True``
     (53% at top-20, 59% at top-10); see :func:`workload_stats`.
     """
     rng = np.random.default_rng(seed)
