@@ -133,13 +133,18 @@ class ContextIndex:
             state.trie.clear()
 
     # ----------------------------------------------------------- request path
-    def match(self, tenant: str, preamble_key: int, wanted: Mapping[int, int]) -> CachedMatch:
-        """Longest cached prefix for a request whose blocks are the multiset ``wanted`` (read-only)."""
+    def match(
+        self, tenant: str, preamble_key: int, wanted: Mapping[int, int], tokens: Mapping[int, int] | None = None
+    ) -> CachedMatch:
+        """Longest cached prefix for a request whose blocks are the multiset ``wanted`` (read-only).
+
+        ``tokens`` (key -> tokens of one copy) lets the search prune; the result is the same.
+        """
         with self._lock:
             state = self._tenants.get(tenant)
             if state is None:
                 return CachedMatch([], 0, None)
-            return state.trie.match_cached(preamble_key, wanted)
+            return state.trie.match_cached(preamble_key, wanted, tokens)
 
     def record(
         self,

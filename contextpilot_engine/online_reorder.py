@@ -57,7 +57,7 @@ def cached_prefix(
     index: ContextIndex, tenant: str, preamble_key: int, blocks: Sequence[Block]
 ) -> tuple[list[int], list[int], int]:
     """Input indices of the longest cached prefix (in cached order), the other indices, and its hit tokens."""
-    match = index.match(tenant, preamble_key, Counter(b.key for b in blocks))
+    match = index.match(tenant, preamble_key, Counter(b.key for b in blocks), {b.key: b.tokens for b in blocks})
     slots: dict[int, deque[int]] = defaultdict(deque)
     for i, b in enumerate(blocks):
         slots[b.key].append(i)
