@@ -122,8 +122,8 @@ class BlockTrie:
         to the more visited end node, then the older node id, so the result
         is deterministic.  With ``tokens`` (key -> tokens of one copy) it
         skips branches that cannot reach the best hit found so far even if
-        they spelled every remaining block: same result, far fewer nodes
-        where many orders of the same popular blocks are cached.
+        they spelled every remaining block: the same result from fewer
+        visited nodes.
         """
         top = self.root.children.get(preamble_key)
         if top is None:
@@ -138,9 +138,11 @@ class BlockTrie:
             if not self.is_full(top):
                 return CachedMatch([], base, top)
         remaining = dict(wanted)
-        # tokens the blocks not yet on the path could still add (an upper bound in page mode too)
-        # (in page mode the page straddling into the next block can add up to page - 1 more)
-        left = sum(c * tokens[k] for k, c in remaining.items()) + (page - 1 if page else 0) if tokens is not None else None
+        # tokens the blocks not yet on the path could still add; in page mode the page straddling
+        # into the next block can add up to page - 1 more
+        left = None
+        if tokens is not None:
+            left = sum(c * tokens[k] for k, c in remaining.items()) + (page - 1 if page else 0)
         best_score = (base, 0, 0)
         best_node, best_keys = top, []
         budget = self.SEARCH_BUDGET
