@@ -224,9 +224,9 @@ def analyse_workload(wl: Workload, opts: Options) -> dict:
             **_latency(r),
         }
         sims: dict = {}
+        capped_prompts = method_prompts(capped[r.name], count) if r.name in capped else prompts
         for page in opts.pages:
             sims[f"page{page}"] = {"unlimited": _sim(prompts, page, None)}
-            capped_prompts = method_prompts(capped[r.name], count) if r.name in capped else prompts
             sims[f"page{page}"][cap_label] = _sim(capped_prompts, page, capacity)
         entry["sim"] = sims
         if r.name != "ours online+dedup":
