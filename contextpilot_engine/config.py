@@ -36,6 +36,10 @@ class PilotConfig:
     # the batch, so the default leaves batches of up to 4096 requests purely cache-ordered.
     max_delay: int | None = 4096
     # ---- deduplication
+    #: with a conversation id, replace blocks already sent in the conversation by hints.  False
+    #: sends them again (memory chat with short, slowly drifting memories caches better that way);
+    #: the conversation id then still informs the order (blocks about to leave go last).
+    deduplicate: bool = True
     hint_template: str = DEFAULT_HINT
     chunk_hint_template: str = DEFAULT_CHUNK_HINT
     #: blocks with at least this many tokens are also deduplicated chunk by chunk
@@ -68,6 +72,8 @@ class PilotConfig:
             object.__setattr__(self, "strategies", strategies)
         if not isinstance(strategies, tuple) or not strategies or any(s not in STRATEGIES for s in strategies):
             raise ValueError(f"strategies: expected a non-empty list from {list(STRATEGIES)}, got {strategies!r}")
+        if not isinstance(self.deduplicate, bool):
+            raise ValueError(f"deduplicate: expected a bool, got {self.deduplicate!r}")
         for name in ("instruction", "tenant", "hint_template", "chunk_hint_template"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:

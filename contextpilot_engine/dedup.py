@@ -8,6 +8,12 @@ text.  A block shorter than its hint is simply sent again.  Long blocks (tool ou
 (:mod:`.chunking`), so a resent log with a few new lines only sends the new
 lines.
 
+Each conversation also keeps how many turns in a row each block of its last
+turn has been present, and each tenant the odds that a block stays another
+turn (:mod:`.lifetimes`): the online reorder puts the blocks likely to leave
+last, so the next turn reuses more of this one's prefix.  That part needs no
+deduplication, so it also runs when deduplication is switched off.
+
 State is per tenant and per conversation, bounded: at most
 ``max_conversations`` conversations (least recently used forgotten first) and
 ``max_conversation_entries`` remembered blocks and chunks each (oldest
@@ -24,6 +30,7 @@ from typing import Callable, Sequence
 
 from .blocks import Block, make_block
 from .chunking import chunk_text
+from .lifetimes import RunLengthOdds, advance_runs
 from .validation import UnknownIdError
 
 __all__ = ["ConversationStore", "TurnPlan", "BlockFate", "Sighting"]
@@ -43,6 +50,7 @@ class Conversation:
     turns: int = 0
     blocks: OrderedDict = field(default_factory=OrderedDict)  # block key -> Sighting
     chunks: OrderedDict = field(default_factory=OrderedDict)  # chunk key -> Sighting
+    runs: dict = field(default_factory=dict)  # block key of the last turn -> turns present in a row
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,8 @@ class TurnPlan:
     conversation_id: str
     turn: int
     fates: list[BlockFate]
+    #: input positions of the blocks likely to leave the conversation before its next turn
+    leaving: frozenset[int] = frozenset()
 
     @property
     def tokens_saved(self) -> int:
@@ -83,6 +93,7 @@ class ConversationStore:
         self.chunk_min_tokens = chunk_min_tokens
         self.chunk_target_words = chunk_target_words
         self._convs: OrderedDict[tuple[str, str], Conversation] = OrderedDict()
+        self._odds: dict[str, RunLengthOdds] = {}
 
     # ------------------------------------------------------------- lookups
     def get(self, tenant: str, conversation_id: str) -> Conversation:
@@ -98,6 +109,7 @@ class ConversationStore:
     def forget_tenant(self, tenant: str) -> None:
         for key in [k for k in self._convs if k[0] == tenant]:
             del self._convs[key]
+        self._odds.pop(tenant, None)
 
     def __len__(self) -> int:
         return len(self._convs)
@@ -110,9 +122,20 @@ class ConversationStore:
         blocks: Sequence[Block],
         count_tokens: Callable[[str], int],
         hint_template: str | None = None,
+        deduplicate: bool = True,
     ) -> TurnPlan:
-        """Decide each block's fate against the conversation so far (changes nothing)."""
+        """Decide each block's fate against the conversation so far (changes nothing).
+
+        With ``deduplicate=False`` every block is sent as is; the plan still
+        says which blocks are likely to leave before the next turn.
+        """
         conv = self._convs.get((tenant, conversation_id)) or Conversation()
+        odds = self._odds.get(tenant)
+        leaving = frozenset(
+            i for i, b in enumerate(blocks) if odds is not None and odds.likely_to_leave(conv.runs.get(b.key, 0) + 1)
+        )
+        if not deduplicate:
+            return TurnPlan(conversation_id, conv.turns + 1, [BlockFate("new", b) for b in blocks], leaving)
         template = hint_template or self.hint_template
         fates: list[BlockFate] = []
         for b in blocks:
@@ -131,7 +154,7 @@ class ConversationStore:
                     fates.append(BlockFate("partial", rewritten, None, max(0, b.tokens - rewritten.tokens)))
                     continue
             fates.append(BlockFate("new", b))
-        return TurnPlan(conversation_id, conv.turns + 1, fates)
+        return TurnPlan(conversation_id, conv.turns + 1, fates, leaving)
 
     def _rewrite_chunks(self, b: Block, conv: Conversation, count_tokens) -> Block | None:
         pieces: list[str] = []
@@ -178,8 +201,13 @@ class ConversationStore:
         tenant: str,
         conversation_id: str,
         sent: Sequence[tuple[Block, int]],
+        present: Sequence[Block] | None = None,
     ) -> int:
-        """Record a turn: each ``(original block, position in the prompt)`` now counts as sent."""
+        """Record a turn: each ``(original block, position in the prompt)`` now counts as sent.
+
+        ``present`` is every block of the turn, sent or replaced by a hint
+        (default: the sent ones); it updates how long blocks stay.
+        """
         key = (tenant, conversation_id)
         conv = self._convs.get(key)
         if conv is None:
@@ -190,6 +218,11 @@ class ConversationStore:
             self._convs.move_to_end(key)
         conv.turns += 1
         turn = conv.turns
+        odds = self._odds.get(tenant)
+        if odds is None:
+            odds = self._odds[tenant] = RunLengthOdds()
+        keys = (b.key for b, _ in sent) if present is None else (b.key for b in present)
+        conv.runs = advance_runs(conv.runs, keys, odds)
         for block, position in sent:
             if block.key not in conv.blocks:
                 conv.blocks[block.key] = Sighting(turn, position, block.label or f"#{block.short_id[:8]}")

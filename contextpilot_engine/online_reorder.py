@@ -11,6 +11,10 @@
    before either is cached, which is what lets the next request reuse this
    one.
 
+3. Blocks the conversation is likely to drop before its next turn
+   (:mod:`.lifetimes`) go after the rest, still in canonical order: the next
+   turn can only reuse this prompt up to the first block that has left.
+
 Repeated blocks are kept (a multiset): each copy is placed once, so the
 result is always a permutation of the input.
 """
@@ -18,7 +22,7 @@ result is always a permutation of the input.
 from __future__ import annotations
 
 from collections import Counter, defaultdict, deque
-from typing import Sequence
+from typing import Collection, Sequence
 
 from .blocks import Block
 from .index import ContextIndex
@@ -65,8 +69,19 @@ def cached_prefix(
     return prefix, [i for q in slots.values() for i in q], match.hit_tokens
 
 
-def order_online(index: ContextIndex, tenant: str, preamble_key: int, blocks: Sequence[Block]) -> tuple[list[int], int]:
-    """New order of ``blocks`` (input indices) and the tokens the cached prefix should hit."""
+def order_online(
+    index: ContextIndex, tenant: str, preamble_key: int, blocks: Sequence[Block], last: Collection[int] = ()
+) -> tuple[list[int], int]:
+    """New order of ``blocks`` (input indices) and the tokens the cached prefix should hit.
+
+    ``last``: input indices of blocks to place after the others that are not
+    part of the cached prefix (those likely to leave the conversation).
+    """
     prefix, rest, hit = cached_prefix(index, tenant, preamble_key, blocks)
     state = index.peek(tenant)
-    return prefix + canonical_order(blocks, rest, state.popularity if state else _NO_POPULARITY), hit
+    popularity = state.popularity if state else _NO_POPULARITY
+    if last:
+        staying = [i for i in rest if i not in last]
+        leaving = [i for i in rest if i in last]
+        return prefix + canonical_order(blocks, staying, popularity) + canonical_order(blocks, leaving, popularity), hit
+    return prefix + canonical_order(blocks, rest, popularity), hit

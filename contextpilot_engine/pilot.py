@@ -130,7 +130,9 @@ class ContextPilot:
         The cached (or most shareable) blocks come first; an importance
         ranking after the blocks restates the retrieval order.  With a
         ``conversation_id``, blocks already sent earlier in that conversation
-        are replaced by reference hints (placed after the blocks).
+        are replaced by reference hints (placed after the blocks; config
+        ``deduplicate=False`` sends them again), and blocks the conversation
+        is likely to drop before its next turn go after the others.
         """
         messages, _ = self.optimize_with_report(
             docs, query, conversation_id=conversation_id, system_instruction=system_instruction, tenant=tenant
@@ -178,7 +180,11 @@ class ContextPilot:
         check_optional_str(system_instruction, "system_instruction")
         name = self._tenant(tenant)
         with self._lock:
-            plan = self.conversations.check(name, cid, blocks, self.count_tokens) if cid else None
+            plan = (
+                self.conversations.check(name, cid, blocks, self.count_tokens, deduplicate=self.config.deduplicate)
+                if cid
+                else None
+            )
             return self._serve_one(name, blocks, query, system_instruction, plan)
 
     def _serve_one(self, tenant, blocks, query, system_instruction, plan: TurnPlan | None) -> "ServedPrompt":
@@ -186,10 +192,12 @@ class ContextPilot:
         if plan is None:
             sent_idx = list(range(len(blocks)))
             sent = list(blocks)
+            leaving: list[int] = []
         else:
             sent_idx = [i for i, f in enumerate(plan.fates) if f.kind != "repeat"]
             sent = [plan.fates[i].block for i in sent_idx]
-        order, expected_hit = order_online(self.index, tenant, preamble.key, sent) if sent else ([], 0)
+            leaving = [j for j, i in enumerate(sent_idx) if i in plan.leaving]
+        order, expected_hit = order_online(self.index, tenant, preamble.key, sent, leaving) if sent else ([], 0)
         ordered = [sent[j] for j in order]
         position_of = {sent_idx[j]: pos + 1 for pos, j in enumerate(order)}
         relevance: list[str] = []
@@ -208,7 +216,7 @@ class ContextPilot:
             self.index.record(tenant, preamble.key, preamble.tokens, [(b.key, b.tokens) for b in ordered])
         if plan is not None:
             originals = [(blocks[sent_idx[j]], pos + 1) for pos, j in enumerate(order)]
-            self.conversations.commit(tenant, plan.conversation_id, originals)
+            self.conversations.commit(tenant, plan.conversation_id, originals, blocks)
         moved = sum(1 for pos, j in enumerate(order) if j != pos)
         report = {
             "blocks": len(blocks),

@@ -49,6 +49,8 @@ _CORE_HELP = {
     "popularity_decay": "Per-request discount of a block's popularity since it was last requested (1: none).",
     "max_blocks_per_context": "Most context blocks accepted in one request.",
     "max_delay": "Batch scheduling bound of the library's offline API (int, or 'none').",
+    "deduplicate": "Replace blocks already sent in a request's conversation by hints (--no-contextpilot-deduplicate: "
+    "resend them, keeping only the conversation-aware order).",
     "hint_template": "Text replacing a block already sent in the conversation; fields {doc_id} {turn} {position}.",
     "chunk_hint_template": "Text replacing repeated runs inside long blocks; fields {words} {turn} {position}.",
     "chunk_min_tokens": "Blocks at least this long are also deduplicated chunk by chunk.",

@@ -4,10 +4,11 @@
 * ``frequency sort``: :func:`.baselines.frequency_sort`;
 * ``ours offline``: ``ContextPilot.optimize_batch`` on the whole batch;
 * ``ours online``: ``ContextPilot.optimize`` one request at a time, in
-  arrival order, its index capacity set to the simulated cache's;
-* ``ours online+dedup`` (conversation workloads): the same with each
-  request's ``conversation_id``, so blocks sent earlier in the conversation
-  become hints;
+  arrival order, its index capacity set to the simulated cache's, each
+  request with its ``conversation_id`` (the reference gets them too) and
+  deduplication off;
+* ``ours online+dedup`` (conversation workloads): the same with
+  deduplication on, so blocks sent earlier in the conversation become hints;
 * ``reference offline`` / ``reference online``: ContextPilot 0.5.0's
   ``reorder`` on the batch / once per request (:mod:`.reference`).
 
@@ -197,12 +198,16 @@ def run_ours_offline(wl: Workload, count: Callable[[str], int], repeats: int = 1
 def run_ours_online(
     wl: Workload, count: Callable[[str], int], capacity_tokens: int | None, dedup: bool = False
 ) -> MethodResult:
-    """``optimize`` per request; ``capacity_tokens`` is told to the index (None: effectively unlimited)."""
-    pilot = ContextPilot(tokenizer=count, capacity_tokens=capacity_tokens or 10**12)
+    """``optimize`` per request; ``capacity_tokens`` is told to the index (None: effectively unlimited).
+
+    Requests carry their conversation id (as the reference's do), which
+    informs the order; ``dedup`` switches conversation deduplication on.
+    """
+    pilot = ContextPilot(tokenizer=count, capacity_tokens=capacity_tokens or 10**12, deduplicate=dedup)
     messages, served, hinted, rewritten, dropped = {}, {}, {}, {}, {}
     latencies, saved, invented = [], 0, 0
     for i, r in enumerate(wl.requests):
-        cid = r.conversation if dedup else None
+        cid = r.conversation
         start = time.perf_counter()
         msgs, report = pilot.optimize_with_report(r.contexts, r.query, conversation_id=cid)
         latencies.append(time.perf_counter() - start)
