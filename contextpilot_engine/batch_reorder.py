@@ -121,9 +121,13 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
     if n > LEVEL_GREEDY_MAX_CONTEXTS and len(strategies) > 1:
         strategies = [s for s in strategies if s != "level_greedy"]
     results: dict[str, np.ndarray] = {}
+    limit = None  # each context's best candidate overlap, which bounds what the polish can find for it
     for name in strategies:
         if name == "merge_tree":
-            left, right, _ = candidate_pairs(r_lengths, r_items, batch.weights, group, candidates, backend)
+            left, right, shared = candidate_pairs(r_lengths, r_items, batch.weights, group, candidates, backend)
+            limit = np.zeros(n, dtype=np.int64)
+            np.maximum.at(limit, left, shared)
+            np.maximum.at(limit, right, shared)
             r_seq = merge_tree(r_lengths, r_starts, r_items, batch.weights, left, right, backend)
         else:
             r_seq = level_greedy(r_lengths, r_starts, r_items, batch.weights, group)
@@ -142,7 +146,7 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
     reuse, order = scored[best]
     if len(batch.items) <= POLISH_MAX_ITEMS:
         fixed_len = np.bincount(ctx[fixed], minlength=n)
-        polished = polish(batch.lengths, batch.starts, seq, batch.weights, fixed_len)
+        polished = polish(batch.lengths, batch.starts, seq, batch.weights, fixed_len, limit=limit)
         p_reuse, p_order = prefix_reuse(batch.lengths, batch.starts, polished, batch.weights)
         scored[best + "+polish"] = (p_reuse, p_order)
         if p_reuse > reuse:
@@ -151,7 +155,7 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
     # positions: item -> input position inside each context (items are distinct within a context)
     n_items = max(1, batch.n_items)
     original = ctx * n_items + batch.items
-    sort_idx = np.argsort(original, kind="stable")
+    sort_idx = np.argsort(original)  # codes are unique
     found = sort_idx[np.searchsorted(original[sort_idx], ctx * n_items + seq)]
     positions = (found - batch.starts[ctx]).tolist()
     bounds = batch.starts.tolist()

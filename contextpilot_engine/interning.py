@@ -70,7 +70,7 @@ class InternedBatch:
 
         ctx = self.context_of()
         span = max(1, self.n_items)
-        sorted_items = self.items[np.argsort(ctx * span + self.items, kind="stable")]
+        sorted_items = self.items[np.argsort(ctx * span + self.items)]  # unique keys: any sort kind
         return lexicographic_order(self.lengths, self.starts, sorted_items)
 
 

@@ -16,6 +16,14 @@ the contexts by default: later passes found little more on the benchmarks
 and cost as much again.  The work grows faster than linearly as the tree
 widens, so it is capped (``POLISH_WORK`` visited nodes, about a second) and
 skipped above ``POLISH_MAX_ITEMS`` (context, block) pairs.
+
+A context can only gain along a path that some other context also spells,
+so it shares at most its overlap with one other context.  Given each
+context's best overlap among the strategies' candidate pairs (``limit``), a
+context that already shares that much is not searched: on the RAG batches
+only 5-25% of contexts move, and skipping the rest saves about a tenth of
+``optimize_batch`` time at 1k-4k contexts for under 0.15% of the reuse (the
+candidates miss some partners, so the limit is a heuristic one).
 """
 
 from __future__ import annotations
@@ -129,8 +137,12 @@ def polish(
     passes: int = 1,
     search_budget: int = 2000,
     work: int = POLISH_WORK,
+    limit: np.ndarray | None = None,
 ) -> np.ndarray:
     """Improved flat sequence (same CSR layout); ``fixed[c]`` leading items of context ``c`` never move.
+
+    ``limit[c]``: tokens context ``c`` can share below its fixed prefix at
+    most (its best candidate overlap); ``None``: no limit.
 
     Stops after ``passes`` passes, a pass with no move, or ``work`` visited
     tree nodes in all, whichever comes first.
@@ -141,6 +153,7 @@ def polish(
     flat = seq.tolist()
     seqs = [flat[bounds[c] : bounds[c + 1]] for c in range(n)]
     keep = [0] * n if fixed is None else fixed.tolist()
+    cap = [sum(w)] * n if limit is None else limit.tolist()
     root = _Node()
     for s in seqs:
         _add(root, s)
@@ -161,7 +174,8 @@ def polish(
                 base += w[item]
                 start = child
             total = sum(w[item] for item in s)
-            if start is not None and current < total:  # a context shared in full cannot do better
+            # a context shared in full, or as far as its best partner allows, cannot do better
+            if start is not None and current < total and current < base + cap[c]:
                 rest = set(s[keep[c] :])
                 gain, path, visited = _best_path(start, rest, w, min(search_budget, work), total - base)
                 work -= visited

@@ -212,7 +212,7 @@ def _emit(n: int, n_nodes: int, starts: np.ndarray, items: np.ndarray, ids: np.n
         active = active[ok]
     n_depth = int(depth.max()) + 1
     if n * n_depth * n_items < (1 << 62):
-        order = np.argsort((ctx * n_depth + depth[entry]) * n_items + items, kind="stable")
+        order = np.argsort((ctx * n_depth + depth[entry]) * n_items + items)  # unique keys
     else:
         order = np.lexsort((items, depth[entry], ctx))
     return items[order]

@@ -32,7 +32,7 @@ def pair_overlap_cpu(rows: PackedRows, left: np.ndarray, right: np.ndarray) -> n
         item_w = rows.item_weights
         for lo in range(0, len(left), _CHUNK):
             both = np.concatenate([ids[left[lo : lo + _CHUNK]], ids[right[lo : lo + _CHUNK]]], axis=1)
-            both.sort(axis=1, kind="stable")
+            both.sort(axis=1)  # values only: stability is moot, and the default (SIMD) sort is ~8x faster
             twin = (both[:, 1:] == both[:, :-1]) & (both[:, 1:] >= 0)
             out[lo : lo + _CHUNK] = np.where(twin, item_w[np.maximum(both[:, 1:], 0)], 0).sum(axis=1)
         return out

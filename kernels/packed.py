@@ -56,7 +56,7 @@ def pack_rows(lengths: np.ndarray, items: np.ndarray, item_weights: np.ndarray, 
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     row = np.repeat(np.arange(n, dtype=np.int64), lengths)
-    order = np.argsort(row * (int(items.max()) + 1 if len(items) else 1) + items, kind="stable")
+    order = np.argsort(row * (int(items.max()) + 1 if len(items) else 1) + items)  # unique keys
     col = np.arange(len(items), dtype=np.int64) - starts[row]
     ids = np.full((n, width), PAD, dtype=np.int32)
     w = np.zeros((n, width), dtype=np.int32)
