@@ -66,7 +66,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def batch_overhead(n: int, seed: int = 1, repeats: int = 3) -> dict:
+def batch_overhead(n: int, seed: int = 1, repeats: int = 5) -> dict:
     """Time and memory of ``optimize_batch`` on ``n`` contexts (run it in a fresh process).
 
     ``seconds`` is the median of ``repeats`` calls on fresh instances (the

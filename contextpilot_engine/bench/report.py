@@ -231,8 +231,13 @@ def markdown(result: dict) -> str:
         f"- reference: {meta['reference']}",
         "- hit ratio = cached tokens / prompt tokens, prompts served one at a time in each method's execution "
         "order; p16 = 16-token pages (vLLM default), p1 = SGLang-style, p32 = vLLM CPU's block size.",
-        "",
     ]
+    if meta.get("timing_repeats"):
+        lines.append(
+            f"- plan times (ours and the reference's) are medians of {meta['timing_repeats']} runs on fresh instances "
+            "(the reference's 4,000-context batch: one run)"
+        )
+    lines.append("")
     lines += _targets_section(result.get("targets", []))
     if result.get("workloads"):
         lines += ["## Workloads (simulated)", ""]
