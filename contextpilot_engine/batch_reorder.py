@@ -121,6 +121,7 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
     if n > LEVEL_GREEDY_MAX_CONTEXTS and len(strategies) > 1:
         strategies = [s for s in strategies if s != "level_greedy"]
     results: dict[str, np.ndarray] = {}
+    scored: dict[str, tuple] = {}
     limit = None  # each context's best candidate overlap, which bounds what the polish can find for it
     for name in strategies:
         if name == "merge_tree":
@@ -130,18 +131,21 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
             np.maximum.at(limit, right, shared)
             r_seq = merge_tree(r_lengths, r_starts, r_items, batch.weights, left, right, backend)
         else:
-            r_seq = level_greedy(r_lengths, r_starts, r_items, batch.weights, group)
+            # without fixed prefixes its own accounting is the whole tree's reuse, so it can stop
+            # as soon as it provably cannot beat the best tree so far
+            beat = max(v[0] for v in scored.values()) if scored and not fixed.any() else None
+            r_seq = level_greedy(r_lengths, r_starts, r_items, batch.weights, group, beat)
+            if r_seq is None:
+                continue
         # full sequence: fixed prefix (in its given order), then the strategy's order
         part = np.concatenate([np.zeros(int(fixed.sum()), np.int64), np.ones(len(r_seq), np.int64)])
         owner = np.concatenate([ctx[fixed], ctx[free]])
         within = np.concatenate([fixed_rank[fixed], np.arange(len(r_seq), dtype=np.int64)])
         values = np.concatenate([batch.items[fixed], r_seq])
         results[name] = values[np.lexsort((within, part, owner))]
+        scored[name] = prefix_reuse(batch.lengths, batch.starts, results[name], batch.weights)
 
-    scored = {}
-    for name, seq in results.items():
-        scored[name] = prefix_reuse(batch.lengths, batch.starts, seq, batch.weights)
-    best = max(strategies, key=lambda s: (scored[s][0], -strategies.index(s)))
+    best = max(scored, key=lambda s: (scored[s][0], -strategies.index(s)))
     seq = results[best]
     reuse, order = scored[best]
     if len(batch.items) <= POLISH_MAX_ITEMS:

@@ -134,3 +134,18 @@ def test_polish_never_loses_reuse_and_keeps_fixed_prefixes(contexts, data):
         a, b = ib.row(c), after_seq[ib.starts[c] : ib.starts[c + 1]]
         assert sorted(a.tolist()) == sorted(b.tolist())
         assert (a[: fixed[c]] == b[: fixed[c]]).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches)
+def test_level_greedy_gives_up_only_when_it_cannot_beat_the_other_tree(contexts):
+    """Its early exit rests on an upper bound: it must never drop a tree at least as good as ``beat``."""
+    from contextpilot_engine.level_greedy import level_greedy
+
+    ib = intern_batch(parse(contexts))
+    group = np.zeros(ib.n_contexts, dtype=np.int64)
+    full = level_greedy(ib.lengths, ib.starts, ib.items, ib.weights, group)
+    reuse = prefix_reuse(ib.lengths, ib.starts, full, ib.weights)[0]
+    kept = level_greedy(ib.lengths, ib.starts, ib.items, ib.weights, group, beat=reuse)
+    assert kept is not None and (kept == full).all()
+    assert level_greedy(ib.lengths, ib.starts, ib.items, ib.weights, group, beat=reuse + 10**9) is None or reuse == 0
