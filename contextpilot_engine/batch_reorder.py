@@ -122,13 +122,12 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
         strategies = [s for s in strategies if s != "level_greedy"]
     results: dict[str, np.ndarray] = {}
     scored: dict[str, tuple] = {}
-    limit = None  # each context's best candidate overlap, which bounds what the polish can find for it
+    pairs = None  # the merge tree's scored candidate pairs, reused to bound the polish
     for name in strategies:
         if name == "merge_tree":
-            left, right, shared = candidate_pairs(r_lengths, r_items, batch.weights, group, candidates, backend)
-            limit = np.zeros(n, dtype=np.int64)
-            np.maximum.at(limit, left, shared)
-            np.maximum.at(limit, right, shared)
+            left, right, shared = pairs = candidate_pairs(
+                r_lengths, r_items, batch.weights, group, candidates, backend
+            )
             r_seq = merge_tree(r_lengths, r_starts, r_items, batch.weights, left, right, backend)
         else:
             # without fixed prefixes its own accounting is the whole tree's reuse, so it can stop
@@ -150,6 +149,11 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
     reuse, order = scored[best]
     if len(batch.items) <= POLISH_MAX_ITEMS:
         fixed_len = np.bincount(ctx[fixed], minlength=n)
+        limit = None  # each context's best candidate overlap bounds what the polish can find for it
+        if pairs is not None:
+            limit = np.zeros(n, dtype=np.int64)
+            np.maximum.at(limit, pairs[0], pairs[2])
+            np.maximum.at(limit, pairs[1], pairs[2])
         polished = polish(batch.lengths, batch.starts, seq, batch.weights, fixed_len, limit=limit)
         p_reuse, p_order = prefix_reuse(batch.lengths, batch.starts, polished, batch.weights)
         scored[best + "+polish"] = (p_reuse, p_order)

@@ -131,9 +131,9 @@ class ConversationStore:
         """
         conv = self._convs.get((tenant, conversation_id)) or Conversation()
         odds = self._odds.get(tenant)
-        leaving = frozenset(
-            i for i, b in enumerate(blocks) if odds is not None and odds.likely_to_leave(conv.runs.get(b.key, 0) + 1)
-        )
+        leaving: frozenset[int] = frozenset()
+        if odds is not None:
+            leaving = frozenset(i for i, b in enumerate(blocks) if odds.likely_to_leave(conv.runs.get(b.key, 0) + 1))
         if not deduplicate:
             return TurnPlan(conversation_id, conv.turns + 1, [BlockFate("new", b) for b in blocks], leaving)
         template = hint_template or self.hint_template

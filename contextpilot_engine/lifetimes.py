@@ -12,7 +12,7 @@ newest is sure to stay; for a slowly drifting memory the odds hardly change
 with age.  So the odds are counted, per tenant, from what happened: for
 every *run length* r (turns a block has been present in a row) how many runs
 went on to turn r + 1 and how many ended there.  On the agent benchmark this
-lifts the online hit ratio from 1.06x to 1.18x the reference's; on memory chat,
+lifts the online hit ratio from 1.06x to 1.16x the reference's; on memory chat,
 where age says little, it changes the hit ratio by under 1%.
 """
 

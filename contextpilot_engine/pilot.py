@@ -192,11 +192,11 @@ class ContextPilot:
         if plan is None:
             sent_idx = list(range(len(blocks)))
             sent = list(blocks)
-            leaving: list[int] = []
+            leaving: set[int] = set()
         else:
             sent_idx = [i for i, f in enumerate(plan.fates) if f.kind != "repeat"]
             sent = [plan.fates[i].block for i in sent_idx]
-            leaving = [j for j, i in enumerate(sent_idx) if i in plan.leaving]
+            leaving = {j for j, i in enumerate(sent_idx) if i in plan.leaving}
         order, expected_hit = order_online(self.index, tenant, preamble.key, sent, leaving) if sent else ([], 0)
         ordered = [sent[j] for j in order]
         position_of = {sent_idx[j]: pos + 1 for pos, j in enumerate(order)}
