@@ -24,7 +24,10 @@ from .blocks import Block, TokenCounter, block_key, estimate_tokens
 from .config import PilotConfig
 from .index import ContextIndex, IndexLimits
 from .kernels import GpuUnavailableError
+from .pages import chain_page_keys
 from .pilot import ContextPilot
+from .prompts import Preamble
+from .request_pipeline import ServedPrompt
 from .validation import UnknownIdError
 
 __version__ = "0.1.0"
@@ -36,9 +39,12 @@ __all__ = [
     "GpuUnavailableError",
     "IndexLimits",
     "PilotConfig",
+    "Preamble",
+    "ServedPrompt",
     "TokenCounter",
     "UnknownIdError",
     "block_key",
+    "chain_page_keys",
     "estimate_tokens",
     "optimize",
     "optimize_batch",

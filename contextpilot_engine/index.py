@@ -10,14 +10,14 @@ Two sources of truth for "is it cached":
   holds at most ``capacity_tokens`` tokens and evicts least-recently-used
   leaves, the way a radix cache does.
 * With an engine attached (:meth:`ContextIndex.attach_engine`) the engine's
-  own events drive it.  The engine side reports pages entering and leaving
-  the cache (:meth:`pages_stored`, :meth:`pages_removed`,
-  :meth:`pages_cleared`, or the engine-hash flavoured
-  :meth:`on_block_stored` / :meth:`on_block_removed` /
-  :meth:`on_all_blocks_cleared` that vLLM- and SGLang-style events map onto
-  directly).  The request side binds each served prompt to the pages that
-  hold it (:meth:`bind`).  A page event updates the bound nodes at once, so
-  the index is never staler than the last event delivered to it.
+  own events drive it, through one door: canonical page events
+  (:meth:`pages_stored`, :meth:`pages_removed`, :meth:`pages_cleared`).
+  Engines name pages by hashes of their own; the integration layer's mirror
+  (:mod:`contextpilot_engine.integration.mirror`) translates those to
+  canonical keys before they reach the index.  The request side binds each
+  served prompt to the pages that hold it (:meth:`bind`).  A page event
+  updates the bound nodes at once, so the index is never staler than the
+  last event delivered to it.
 
 All public methods take one lock, so engine threads and request threads may
 call in concurrently.
@@ -31,7 +31,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Mapping, Sequence
 
-from .pages import EngineKeyMap
 from .popularity import BlockPopularity
 from .trie import BlockTrie, CachedMatch, TrieNode
 from .validation import UnknownIdError, check_int, check_name
@@ -86,8 +85,6 @@ class ContextIndex:
         self._cached: dict[Hashable, int] = {}
         #: canonical page key -> bound (node, position in node.pages) pairs
         self._owners: dict[Hashable, list[tuple[TrieNode, int]]] = {}
-        self._engine_keys = EngineKeyMap()
-        self.unknown_parent_events = 0
 
     # ---------------------------------------------------------------- tenants
     def _new_id(self) -> int:
@@ -185,7 +182,6 @@ class ContextIndex:
                 state.trie.engine_page_size = page_size
             self._cached.clear()
             self._owners.clear()
-            self._engine_keys.clear()
 
     def bind(
         self,
@@ -297,43 +293,9 @@ class ContextIndex:
         """The engine dropped its whole prefix cache."""
         with self._lock:
             self._cached.clear()
-            self._engine_keys.clear()
             for lst in self._owners.values():
                 for node, _ in lst:
                     node.lead_cached = 0
-
-    def on_block_stored(
-        self,
-        block_hashes: Sequence[Hashable],
-        parent_block_hash: Hashable | None,
-        token_ids: Sequence[int],
-        block_size: int,
-        salt: object = None,
-    ) -> None:
-        """An engine-style *stored* event: engine hashes, their parent hash and the pages' tokens.
-
-        The pages are re-keyed to canonical keys (see :mod:`.pages`) so the
-        request side can bind without knowing the engine's hash function.  A
-        parent the index never saw is counted in ``unknown_parent_events``
-        and the pages are skipped (they could never be matched anyway).
-        """
-        with self._lock:
-            if self.page_size is not None and block_size != self.page_size:
-                raise ValueError(f"block_size {block_size} differs from the attached page size {self.page_size}")
-            keys = self._engine_keys.store(block_hashes, parent_block_hash, token_ids, block_size, salt)
-            if keys is None:
-                self.unknown_parent_events += 1
-                return
-            self.pages_stored(keys)
-
-    def on_block_removed(self, block_hashes: Sequence[Hashable]) -> None:
-        """An engine-style *removed* event."""
-        with self._lock:
-            self.pages_removed(self._engine_keys.remove(block_hashes))
-
-    def on_all_blocks_cleared(self) -> None:
-        """An engine-style *all cleared* event."""
-        self.pages_cleared()
 
     # ------------------------------------------------------------- inspection
     def cached_pages(self) -> dict[Hashable, int]:

@@ -18,11 +18,11 @@ agree without sharing any engine state.
 from __future__ import annotations
 
 from array import array
-from typing import Hashable, Sequence
+from typing import Sequence
 
 import xxhash
 
-__all__ = ["ROOT_PAGE_KEY", "chain_page_keys", "salt_bytes", "EngineKeyMap"]
+__all__ = ["ROOT_PAGE_KEY", "chain_page_keys", "salt_bytes"]
 
 #: parent key of the first page of every prompt
 ROOT_PAGE_KEY = 0
@@ -70,64 +70,3 @@ def chain_page_keys(
         prev = digest(_int_bytes(prev) + chunk)
         keys.append(prev)
     return keys
-
-
-class EngineKeyMap:
-    """Translates an engine's own page hashes to canonical keys, reference-counted.
-
-    Engines may hold several physical pages with the same hash (vLLM allows
-    duplicates), each reported stored and removed separately; a hash stays
-    mapped until every copy is gone.
-    """
-
-    def __init__(self) -> None:
-        self._canon: dict[Hashable, int] = {}
-        self._refs: dict[Hashable, int] = {}
-
-    def __len__(self) -> int:
-        return len(self._canon)
-
-    def canonical(self, engine_hash: Hashable) -> int | None:
-        return self._canon.get(engine_hash)
-
-    def store(
-        self,
-        engine_hashes: Sequence[Hashable],
-        parent_engine_hash: Hashable | None,
-        token_ids: Sequence[int],
-        page_size: int,
-        salt: object = None,
-    ) -> list[int] | None:
-        """Register stored pages; returns their canonical keys (None if the parent is unknown)."""
-        if parent_engine_hash is None:
-            parent = ROOT_PAGE_KEY
-        else:
-            known = self._canon.get(parent_engine_hash)
-            if known is None:
-                return None
-            parent = known
-        keys = chain_page_keys(token_ids[: len(engine_hashes) * page_size], page_size, parent, salt)
-        for h, k in zip(engine_hashes, keys):
-            self._canon[h] = k
-            self._refs[h] = self._refs.get(h, 0) + 1
-        return keys
-
-    def remove(self, engine_hashes: Sequence[Hashable]) -> list[int]:
-        """Unregister removed pages; returns the canonical keys of the copies removed."""
-        out = []
-        for h in engine_hashes:
-            k = self._canon.get(h)
-            if k is None:
-                continue
-            out.append(k)
-            r = self._refs[h] - 1
-            if r:
-                self._refs[h] = r
-            else:
-                del self._refs[h]
-                del self._canon[h]
-        return out
-
-    def clear(self) -> None:
-        self._canon.clear()
-        self._refs.clear()

@@ -11,25 +11,25 @@ every call validates all input before it changes any state.
 State (prefix trees, popularity, conversations) is per *tenant*; the default
 tenant comes from the config and every method takes ``tenant=`` to override
 it.  One instance is safe to share between threads.
+
+The class is a facade: it validates input and holds the lock; the work of
+one online request is :mod:`.request_pipeline`'s, the batch policy
+:mod:`.batch_policy`'s.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .batch_reorder import plan_batch
+from .batch_policy import plan_and_record
 from .blocks import Block, estimate_tokens
-from .candidates import CandidateConfig
 from .config import PilotConfig
-from .dedup import ConversationStore, TurnPlan
+from .dedup import ConversationStore
 from .index import ContextIndex
 from .kernels import OverlapBackend, select_backend
-from .online_reorder import cached_prefix, order_online
 from .prompts import Preamble, PromptLayout, position_labels, render_messages
-from .schedule import apply_aging_bound
+from .request_pipeline import ServedPrompt, serve_request
 from .validation import (
     check_int,
     check_name,
@@ -41,18 +41,6 @@ from .validation import (
 )
 
 __all__ = ["ContextPilot", "ServedPrompt"]
-
-
-@dataclass(frozen=True)
-class ServedPrompt:
-    """One request after :meth:`ContextPilot.serve`."""
-
-    messages: list[dict]  # [system, user]
-    report: dict  # blocks moved / deduplicated, tokens saved, expected cached tokens, order
-    tenant: str
-    preamble: Preamble  # the head of the system message (its key roots the tenant's prefix tree)
-    ordered: list[Block]  # the blocks as written in the prompt, in prompt order
-    turn: int | None  # conversation turn, when a conversation id was given
 
 
 class ContextPilot:
@@ -185,48 +173,10 @@ class ContextPilot:
                 if cid
                 else None
             )
-            return self._serve_one(name, blocks, query, system_instruction, plan)
-
-    def _serve_one(self, tenant, blocks, query, system_instruction, plan: TurnPlan | None) -> "ServedPrompt":
-        preamble = self._preamble(system_instruction)
-        if plan is None:
-            sent_idx = list(range(len(blocks)))
-            sent = list(blocks)
-            leaving: set[int] = set()
-        else:
-            sent_idx = [i for i, f in enumerate(plan.fates) if f.kind != "repeat"]
-            sent = [plan.fates[i].block for i in sent_idx]
-            leaving = {j for j, i in enumerate(sent_idx) if i in plan.leaving}
-        order, expected_hit = order_online(self.index, tenant, preamble.key, sent, leaving) if sent else ([], 0)
-        ordered = [sent[j] for j in order]
-        position_of = {sent_idx[j]: pos + 1 for pos, j in enumerate(order)}
-        relevance: list[str] = []
-        hints: list[str] = []
-        for i in range(len(blocks)):
-            if i in position_of:
-                relevance.append(f"[{position_of[i]}]")
-            else:
-                fate = plan.fates[i]  # type: ignore[union-attr]
-                hints.append(fate.hint or "")
-                relevance.append(f"(hint {len(hints)})")
-        if hints:
-            hints = [f"(hint {k + 1}) {h}" for k, h in enumerate(hints)]
-        messages = render_messages(self.layout, preamble, ordered, relevance, query, hints)
-        if ordered:
-            self.index.record(tenant, preamble.key, preamble.tokens, [(b.key, b.tokens) for b in ordered])
-        if plan is not None:
-            originals = [(blocks[sent_idx[j]], pos + 1) for pos, j in enumerate(order)]
-            self.conversations.commit(tenant, plan.conversation_id, originals, blocks)
-        moved = sum(1 for pos, j in enumerate(order) if j != pos)
-        report = {
-            "blocks": len(blocks),
-            "blocks_moved": moved,
-            "blocks_deduplicated": len(blocks) - len(sent),
-            "tokens_saved_by_dedup": plan.tokens_saved if plan else 0,
-            "expected_cached_tokens": expected_hit,
-            "order": [sent_idx[j] for j in order],
-        }
-        return ServedPrompt(messages, report, tenant, preamble, ordered, plan.turn if plan else None)
+            return serve_request(
+                self.index, self.conversations, self.layout, name, self._preamble(system_instruction), list(blocks),
+                query, plan,
+            )
 
     # ------------------------------------------------------------- offline
     def optimize_batch(
@@ -286,42 +236,8 @@ class ContextPilot:
         return [[batch[c][j].source for j in orders[c]] for c in schedule], schedule
 
     def _plan(self, tenant: str, batch: list[list[Block]], preamble: Preamble, extra_tokens: int):
-        """Block orders and execution order for a batch; records what the cache will hold."""
-        prefixes = None
-        state = self.index.peek(tenant)
-        if state is not None and state.trie.node_count():
-            prefixes = [cached_prefix(self.index, tenant, preamble.key, blocks)[0] for blocks in batch]
-        plan = plan_batch(
-            batch,
-            prefixes,
-            self.backend,
-            self.config.strategies,
-            CandidateConfig.for_batch(len(batch)),
-        )
-        schedule = apply_aging_bound(plan.dfs_order, self.config.max_delay)
-        self._record_batch(tenant, batch, plan, schedule, preamble, extra_tokens)
-        return plan.orders, schedule
-
-    def _record_batch(self, tenant, batch, plan, schedule, preamble: Preamble, extra_tokens: int) -> None:
-        """Feed the index: popularity of the whole batch, and the prompts the cache ends up holding.
-
-        In model mode only the last prompts of the schedule whose tokens fit
-        the capacity can still be cached after the batch, so only those are
-        inserted (in execution order); earlier ones would be evicted anyway.
-        """
-        counts: Counter = Counter()
-        for key, count in zip(plan.batch.keys, plan.batch.counts.tolist()):
-            counts[key if isinstance(key, int) else key[0]] += count
-        orders = plan.orders
-        budget = self.config.capacity_tokens
-        tail: list[int] = []
-        for c in reversed(schedule):
-            tail.append(c)
-            budget -= sum(b.tokens for b in batch[c])
-            if budget <= 0 or len(tail) >= self.config.max_nodes:
-                break
-        sequences = ([(batch[c][j].key, batch[c][j].tokens) for j in orders[c]] for c in reversed(tail))
-        self.index.record_many(tenant, preamble.key, preamble.tokens + extra_tokens, sequences, counts)
+        """Block orders and execution order for a batch (:mod:`.batch_policy`)."""
+        return plan_and_record(self.index, self.config, self.backend, tenant, batch, preamble, extra_tokens)
 
     # --------------------------------------------------------------- dedup
     def deduplicate(

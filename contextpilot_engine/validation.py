@@ -149,14 +149,20 @@ def check_query(query: Any, name: str) -> str:
     return query
 
 
+#: longest identifier (tenant, conversation id) accepted anywhere
+MAX_NAME_CHARS = 256
+
+
 def check_name(value: Any, name: str, allow_none: bool = False) -> str | None:
-    """Validate an identifier such as a conversation id or a tenant name."""
+    """Validate an identifier such as a conversation id or a tenant name (the one rule for every caller)."""
     if value is None and allow_none:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{name}: expected str, got {type(value).__name__}")
-    if not value or len(value) > 256:
-        raise ValueError(f"{name}: must be a non-empty string of at most 256 characters")
+        raise TypeError(f"{name}: expected a non-empty string of at most {MAX_NAME_CHARS} characters, "
+                        f"got {type(value).__name__}")
+    if not value or len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"{name}: expected a non-empty string of at most {MAX_NAME_CHARS} characters, "
+                         f"got {len(value)} characters")
     return value
 
 

@@ -124,42 +124,6 @@ def test_duplicate_pages_are_reference_counted():
     assert idx.match("t", PRE, {10: 1}).hit_tokens == 0
 
 
-def test_engine_hash_events_are_rekeyed_vllm_style():
-    """Stored events carry engine hashes, the parent hash and token ids (vLLM BlockStored)."""
-    idx = ContextIndex()
-    idx.attach_engine(PAGE)
-    tokens = list(range(1000, 1008)) + list(range(1, 9))
-    bind_prompt(idx, "t", [(10, list(range(1, 9)))])
-    # the engine uses its own opaque hashes
-    idx.on_block_stored([b"h0", b"h1"], None, tokens[:8], PAGE)
-    idx.on_block_stored([b"h2", b"h3"], b"h1", tokens[8:16], PAGE)
-    assert idx.match("t", PRE, {10: 1}).hit_tokens == 16
-    idx.on_block_removed([b"h3"])
-    assert idx.match("t", PRE, {10: 1}).hit_tokens == 12
-    idx.on_block_stored([b"zz"], b"never-seen", [1, 2, 3, 4], PAGE)
-    assert idx.unknown_parent_events == 1
-    idx.on_all_blocks_cleared()
-    assert idx.match("t", PRE, {10: 1}).hit_tokens == 0
-
-
-def test_sglang_style_events_node_removal_with_many_pages():
-    """SGLang emits one stored event per page and one removed event per evicted node (all its pages)."""
-    idx = ContextIndex()
-    idx.attach_engine(1)
-    tokens = [7, 8, 9, 1, 2, 3, 4]
-    idx.bind("t", PRE, 3, [(10, 4)], [3, 7], chain_page_keys(tokens, 1))
-    parent = None
-    hashes = []
-    for i, tok in enumerate(tokens):
-        h = f"sha-{i}"
-        idx.on_block_stored([h], parent, [tok], 1)
-        parent = h
-        hashes.append(h)
-    assert idx.match("t", PRE, {10: 1}).hit_tokens == 7
-    idx.on_block_removed(hashes[5:])  # the leaf node holding the last two tokens
-    assert idx.match("t", PRE, {10: 1}).hit_tokens == 5
-
-
 def test_binding_pages_that_are_already_cached_counts_them_at_once():
     idx = ContextIndex()
     idx.attach_engine(PAGE)
@@ -178,8 +142,6 @@ def test_bind_validates_its_offsets():
         idx.bind("t", PRE, 1, [(1, 1)], [1], [])
     with pytest.raises(ValueError, match="non-decreasing"):
         idx.bind("t", PRE, 1, [(1, 1)], [5, 2], [])
-    with pytest.raises(ValueError, match="block_size"):
-        idx.on_block_stored([b"x"], None, [1, 2], 2)
 
 
 def test_engine_mode_node_count_is_bounded():

@@ -96,7 +96,7 @@ def test_bad_flag_values_are_named(parser, model):
 def test_flags_and_additional_config_give_the_same_engine_options(parser, model):
     from vllm.engine.arg_utils import EngineArgs
 
-    from contextpilot_engine.vllm_plugin.options import options_from_vllm_config
+    from contextpilot_engine.vllm_plugin.config import options_from_vllm_config
 
     from_flags = engine_args(
         parser, ["--model", model, "--enable-contextpilot", "--contextpilot-max-overtakes", "5"]
@@ -120,7 +120,7 @@ def test_unknown_additional_config_option_is_named(model):
 def test_plugin_can_be_switched_off_in_config(model):
     from vllm.engine.arg_utils import EngineArgs
 
-    from contextpilot_engine.vllm_plugin.options import options_from_vllm_config
+    from contextpilot_engine.vllm_plugin.config import options_from_vllm_config
 
     config = EngineArgs(model=model, additional_config={"contextpilot": {"enabled": False}})
     assert options_from_vllm_config(config.create_engine_config()) is None

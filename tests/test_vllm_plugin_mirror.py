@@ -170,8 +170,8 @@ def test_mirror_updates_inside_the_block_pool_call(mirrored_llm):
 def test_channel_subscriber_converges_to_the_mirror(mirrored_llm):
     """The cross-process channel's protocol, over a real socket: snapshot, then events."""
     from contextpilot_engine.index import ContextIndex
-    from contextpilot_engine.vllm_plugin.channel import ChannelServer, ChannelSubscriber
-    from contextpilot_engine.vllm_plugin.state import LagStats
+    from contextpilot_engine.integration.channel import ChannelServer, ChannelSubscriber
+    from contextpilot_engine.integration.state import LagStats
 
     driver = Driver(mirrored_llm)
     assert mirrored_llm.reset_prefix_cache() is True  # only this test's prompts are in the table
@@ -220,13 +220,14 @@ def bare_pool(vllm_ready):
     from vllm.v1.core.block_pool import BlockPool
 
     from contextpilot_engine.index import ContextIndex
-    from contextpilot_engine.vllm_plugin.mirror import ATTR, EngineMirror, install_block_pool_hooks
+    from contextpilot_engine.integration.mirror import PageMirror
+    from contextpilot_engine.vllm_plugin.block_pool import ATTR, install_block_pool_hooks
 
     assert install_block_pool_hooks()
     pool = BlockPool(num_gpu_blocks=10, enable_caching=True, hash_block_size=4)  # 9 usable
     index = ContextIndex()
     index.attach_engine(4)
-    mirror = EngineMirror(index, 4)
+    mirror = PageMirror(index, 4)
     pool.__dict__[ATTR] = mirror
     return pool, mirror, index
 
@@ -250,14 +251,14 @@ def cache(pool, request, n_blocks: int):
 
 
 def pool_keys_by_mirror(pool, mirror) -> dict:
-    from contextpilot_engine.vllm_plugin.mirror import pool_canonical_counts
+    from contextpilot_engine.vllm_plugin.block_pool import pool_canonical_counts
 
     return pool_canonical_counts(pool, mirror.engine_hash_map().__getitem__)
 
 
 def test_bare_pool_duplicates_move_salt_eviction_reset(bare_pool):
     from contextpilot_engine.pages import chain_page_keys
-    from contextpilot_engine.vllm_plugin.options import page_salt
+    from contextpilot_engine.integration.engine_keys import page_salt
 
     pool, mirror, index = bare_pool
     tokens = list(range(10, 22))  # three pages of 4

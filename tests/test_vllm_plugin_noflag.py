@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     from vllm.inputs import TokensPrompt
 
     llm = make_llm(sys.argv[1])
-    from contextpilot_engine.vllm_plugin.failopen import is_patched
+    from contextpilot_engine.integration.failopen import is_patched
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.sched.scheduler import Scheduler

@@ -140,8 +140,8 @@ def test_malformed_message_field_is_a_clear_error(plugin_llm):
 
 def test_request_side_failure_serves_the_request_unmodified(plugin_llm, monkeypatch):
     from contextpilot_engine import vllm_plugin
-    from contextpilot_engine.pilot import ContextPilot
-    from contextpilot_engine.vllm_plugin.failopen import failure_counts
+    from contextpilot_engine import pilot as pilot_module
+    from contextpilot_engine.integration.failopen import failure_counts
 
     messages = [{"role": "system", "content": "".join(f"<document>{d}</document>" for d in DOCS[:3])},
                 {"role": "user", "content": "q"}]
@@ -151,7 +151,7 @@ def test_request_side_failure_serves_the_request_unmodified(plugin_llm, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(ContextPilot, "_serve_one", broken)
+    monkeypatch.setattr(pilot_module, "serve_request", broken)
     served = prompt_ids(plugin_llm, messages)
     assert served == unmodified
     assert failure_counts()["request rewrite"] == before + 1
@@ -172,7 +172,7 @@ def test_rewritten_prompt_rejected_by_vllm_is_retried_as_sent(plugin_llm, monkey
     """Our rewrite must not turn a request that fits into one vLLM refuses."""
     from contextpilot_engine import vllm_plugin
     from contextpilot_engine.prompts import PromptLayout
-    from contextpilot_engine.vllm_plugin.failopen import failure_counts
+    from contextpilot_engine.integration.failopen import failure_counts
 
     state = vllm_plugin.engine_state(plugin_llm)
     tok = plugin_llm.get_tokenizer()
@@ -195,8 +195,8 @@ def test_rewritten_prompt_rejected_by_vllm_is_retried_as_sent(plugin_llm, monkey
 def test_engine_side_failure_keeps_the_engine_serving(plugin_llm, monkeypatch):
     from contextpilot_engine import vllm_plugin
     from contextpilot_engine.bench.engine import prefill
-    from contextpilot_engine.vllm_plugin import mirror as mirror_module
-    from contextpilot_engine.vllm_plugin.failopen import failure_counts
+    from contextpilot_engine.vllm_plugin import block_pool as mirror_module
+    from contextpilot_engine.integration.failopen import failure_counts
 
     state = vllm_plugin.engine_state(plugin_llm)
     assert state.mirror.enabled

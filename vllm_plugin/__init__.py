@@ -4,17 +4,18 @@ Turn it on with ``--enable-contextpilot`` (OpenAI server) or
 ``LLM(..., additional_config={"contextpilot": {...}})``; see
 ``docs/vllm_plugin.md`` for every option, the request fields and the limits.
 
-Modules, by concept:
+This package holds only what touches vLLM: hooks and flags.  Everything
+engine-neutral (request fields, the chat rewrite, binding, the page mirror,
+the cross-process channel, per-engine state, options, fail-open) is the
+integration layer, :mod:`contextpilot_engine.integration`, shared with the
+other adapters.  Modules, by concept:
 
-* :mod:`.options`: the validated option record (engine config and flags);
+* :mod:`.config`: where options and engine identity live in a ``VllmConfig``;
 * :mod:`.flags`: the CLI flags and per-engine activation (``EngineArgs`` hooks);
-* :mod:`.mirror`: engine side, the synchronous block-pool mirror;
+* :mod:`.block_pool`: engine side, the block-pool hooks feeding the page mirror;
 * :mod:`.engine_hooks`: engine side, attaching mirror/channel/queue to a scheduler;
-* :mod:`.channel`: the Unix-socket channel from engine core to API server;
-* :mod:`.state`: per-engine state keyed by the engine's identity;
-* :mod:`.rewrite` and :mod:`.frontend`: request side, the chat rewrite and its hooks;
+* :mod:`.frontend`: request side, the renderer and chat-endpoint hooks;
 * :mod:`.scheduling`: the optional cache-aware waiting queue;
-* :mod:`.failopen`: logging failures once and signature-checked patching;
 * :mod:`.testing`: helpers for the tests, the benchmark and the demo.
 
 ``register()`` runs in every vLLM process.  It only wraps three
@@ -27,16 +28,20 @@ parent that started it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from contextpilot_engine.integration.state import EngineState
 
 __all__ = ["register", "engine_state", "reports", "lag_summary", "block_pool_of"]
 
 
 def register() -> None:
     """Entry point called by vLLM's plugin loader (in every process it starts)."""
-    from .failopen import report_failure
+    from contextpilot_engine.integration.failopen import report_failure, use_logger
 
     try:
+        use_logger("vllm.contextpilot")  # follow vLLM's log format and VLLM_LOGGING_LEVEL
         from .flags import ENGINE_HOOKS_ENV, install_flag_hooks
 
         install_flag_hooks()
@@ -57,10 +62,11 @@ def _vllm_config(llm: Any) -> Any:
     return config
 
 
-def engine_state(llm: Any):
+def engine_state(llm: Any) -> "EngineState | None":
     """This process's plugin state for ``llm`` (a ``vllm.LLM``), or None when the plugin is off for it."""
-    from .options import options_from_vllm_config
-    from .state import engine_key, find_state
+    from contextpilot_engine.integration.state import find_state
+
+    from .config import engine_key, options_from_vllm_config
 
     config = _vllm_config(llm)
     if options_from_vllm_config(config) is None:

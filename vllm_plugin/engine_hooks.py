@@ -6,11 +6,12 @@ It is the first place in the engine-core process that holds both the engine's
 the scheduler just built, and it runs before any request can reach that pool.
 After vLLM's own ``__init__`` returns, for an engine with the plugin on:
 
-1. the ``BlockPool`` class hooks are installed (once; see :mod:`.mirror`);
-2. an :class:`~.mirror.EngineMirror` is attached to *this* scheduler's pool;
-   its index is the request side's own index when the request side lives in
-   this process (offline ``LLM`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
-   otherwise a fresh one published over :class:`~.channel.ChannelServer`;
+1. the ``BlockPool`` class hooks are installed (once; see :mod:`.block_pool`);
+2. a :class:`~contextpilot_engine.integration.mirror.PageMirror` is attached
+   to *this* scheduler's pool; its index is the request side's own index when
+   the request side lives in this process (offline ``LLM`` with
+   ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), otherwise a fresh one published
+   over the integration layer's channel;
 3. with ``cache_aware_scheduling``, the waiting queue is replaced
    (:mod:`.scheduling`).
 
@@ -21,54 +22,48 @@ leaves the scheduler exactly as vLLM built it.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-from .failopen import call_safely, logger, patch_method
-from .options import options_from_vllm_config
+from contextpilot_engine.integration.failopen import call_safely, logger, once, patch_method
+from contextpilot_engine.integration.mirror import PageMirror
+from contextpilot_engine.integration.state import find_state, socket_path
+
+from .config import engine_key, options_from_vllm_config, state_for_config
 
 __all__ = ["install_engine_hooks", "attach_to_scheduler"]
 
-_lock = threading.Lock()
-_installed: bool | None = None
 
-
+@once
 def install_engine_hooks() -> bool:
     """Patch ``Scheduler.__init__`` (and prepare the BlockPool hooks) once per process."""
-    global _installed
-    with _lock:
-        if _installed is not None:
-            return _installed
-        from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
 
-        from .mirror import install_block_pool_hooks
+    from .block_pool import install_block_pool_hooks
 
-        pool_ok = install_block_pool_hooks()
+    pool_ok = install_block_pool_hooks()
 
-        def make(orig):
-            def __init__(self, vllm_config, *args, **kwargs):
-                orig(self, vllm_config, *args, **kwargs)
-                call_safely("engine attach", attach_to_scheduler, self, vllm_config)
+    def make(orig):
+        def __init__(self, vllm_config, *args, **kwargs):
+            orig(self, vllm_config, *args, **kwargs)
+            call_safely("engine attach", attach_to_scheduler, self, vllm_config)
 
-            return __init__
+        return __init__
 
-        sched_ok = patch_method(
-            Scheduler,
-            "__init__",
-            make,
-            ["self", "vllm_config", "kv_cache_config", "structured_output_manager", "block_size"],
-            prefix_only=True,
-        )
-        _installed = pool_ok and sched_ok
-        return _installed
+    sched_ok = patch_method(
+        Scheduler,
+        "__init__",
+        make,
+        ["self", "vllm_config", "kv_cache_config", "structured_output_manager", "block_size"],
+        prefix_only=True,
+    )
+    return pool_ok and sched_ok
 
 
 def attach_to_scheduler(scheduler: Any, vllm_config: Any) -> None:
     options = options_from_vllm_config(vllm_config)
     if options is None:
         return
-    from .mirror import ATTR, EngineMirror, install_block_pool_hooks
-    from .state import engine_key, find_state, get_state, socket_path
+    from .block_pool import ATTR, install_block_pool_hooks
 
     if not getattr(scheduler.cache_config, "enable_prefix_caching", False):
         logger.warning("contextpilot: prefix caching is off for this engine; there is no cache to mirror or reuse")
@@ -90,16 +85,16 @@ def attach_to_scheduler(scheduler: Any, vllm_config: Any) -> None:
         state = find_state(key)
         local = state is not None
         if state is None:
-            state = get_state(vllm_config, options, page)
+            state = state_for_config(vllm_config, options, page)
         state.engine_local = local
         if state.index.page_size != page:
             state.index.attach_engine(page)
-        mirror = EngineMirror(state.index, page)
+        mirror = PageMirror(state.index, page)
         state.mirror = mirror
         pool.__dict__[ATTR] = mirror
         if not local and options.channel == "auto":
             if rank == 0:
-                from .channel import ChannelServer
+                from contextpilot_engine.integration.channel import ChannelServer
 
                 server = ChannelServer(socket_path(key, rank), mirror)
                 server.start()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .failopen import report_failure
+from contextpilot_engine.integration.failopen import report_failure
 
 __all__ = ["make_cache_aware_queue"]
 
@@ -143,7 +143,7 @@ def install_cache_aware_queue(scheduler: Any, options: Any) -> bool:
     if getattr(scheduler, "policy", None) != SchedulingPolicy.FCFS or not isinstance(
         scheduler.waiting, FCFSRequestQueue
     ):
-        from .failopen import logger
+        from contextpilot_engine.integration.failopen import logger
 
         logger.warning(
             "contextpilot: cache_aware_scheduling needs --scheduling-policy fcfs; keeping vLLM's %s queue",

@@ -45,7 +45,7 @@ def engine_hash_table(llm: Any, prompts: Iterable[Sequence[int]], salt: Any = No
 
 def expected_canonical_counts(pool: Any, table: dict) -> dict:
     """Copies per canonical key in ``pool`` right now, named through ``table`` (KeyError if unknown)."""
-    from .mirror import pool_canonical_counts
+    from .block_pool import pool_canonical_counts
 
     return pool_canonical_counts(pool, table.__getitem__)
 

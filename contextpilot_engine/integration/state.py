@@ -1,18 +1,18 @@
-"""Per-engine plugin state, found by the engine's identity.
+"""Per-engine state, found by the engine's identity, in each process of the engine.
 
-vLLM splits an engine over processes: the API server (renderer, tokenizer)
-and the engine core (scheduler, block pool) run in different processes unless
-``VLLM_ENABLE_V1_MULTIPROCESSING=0`` puts an offline ``LLM``'s engine core in
-the caller's process.  Both halves carry the same ``VllmConfig``, whose
-``instance_id`` names the engine (vLLM appends ``_dp<rank>`` for data-parallel
-ranks), so that id is the key of everything the plugin keeps per engine:
+Engines split over processes: the request path (API server, renderer,
+tokenizer) and the cache (vLLM's engine core, SGLang's scheduler) usually run
+in different processes, and in one process only for in-process engines (an
+offline vLLM ``LLM`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).  Both halves
+know the engine by the same identity (the adapter derives it from the
+engine's configuration), so that id keys everything kept per engine:
 
 * in one process, both halves find the same :class:`EngineState` and share
   one :class:`~contextpilot_engine.index.ContextIndex`: the request path reads
-  the very object the block-pool hooks update, so the mirror has no lag;
-* in two processes, each half has its own state; the engine core publishes
+  the very object the cache hooks update, so the mirror has no lag;
+* in two processes, each half has its own state; the cache side publishes
   page events on a Unix socket whose path is derived from the same id
-  (:func:`socket_path`) and the API server applies them (:mod:`.channel`).
+  (:func:`socket_path`) and the request side applies them (:mod:`.channel`).
 
 A state remembers the process that made it: after a ``fork`` the child sees
 the parent's registry, and must not mistake the parent's state for its own.
@@ -26,11 +26,19 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict, deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from contextpilot_engine.index import ContextIndex
 
 from .options import PluginOptions
 
-__all__ = ["EngineState", "engine_key", "get_state", "find_state", "socket_path", "LagStats"]
+if TYPE_CHECKING:
+    from contextpilot_engine.pilot import ContextPilot
+
+    from .channel import ChannelServer, ChannelSubscriber
+    from .mirror import PageMirror
+
+__all__ = ["EngineState", "get_state", "find_state", "socket_path", "LagStats"]
 
 _MAX_STATES = 64
 _registry: "OrderedDict[str, EngineState]" = OrderedDict()
@@ -45,17 +53,8 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def engine_key(vllm_config: Any) -> tuple[str, int]:
-    """``(engine id, data-parallel rank)`` of a config; the id is shared by the engine's processes."""
-    instance = str(getattr(vllm_config, "instance_id", "") or "")
-    base, sep, rank = instance.rpartition("_dp")
-    if sep and rank.isdigit():
-        return base, int(rank)
-    return instance, 0
-
-
 def socket_path(key: str, dp_rank: int = 0) -> str:
-    """Where the engine core of engine ``key`` publishes its page events.
+    """Where the cache side of engine ``key`` publishes its page events.
 
     Unix socket paths are limited to about 107 bytes; a long ``TMPDIR`` falls back to ``/tmp``.
     """
@@ -107,11 +106,9 @@ class LagStats:
 
 
 class EngineState:
-    """What the plugin keeps for one engine in one process."""
+    """What contextpilot keeps for one engine in one process."""
 
     def __init__(self, key: str, options: PluginOptions, page_size: int | None):
-        from contextpilot_engine.index import ContextIndex
-
         self.key = key
         self.options = options
         self.pid = os.getpid()
@@ -119,16 +116,16 @@ class EngineState:
         if page_size:
             self.index.attach_engine(page_size)
         self.lock = threading.RLock()
-        #: the engine core's block pool is mirrored into ``index`` by hooks in this very process
+        #: the engine's cache is mirrored into ``index`` by hooks in this very process
         self.engine_local = False
-        #: engine side: the mirror attached to the block pool (see .mirror)
-        self.mirror = None
-        #: engine side in another process: the publisher (see .channel)
-        self.server = None
-        #: request side: the subscriber thread when the engine core is in another process
-        self.subscriber = None
+        #: cache side: the mirror attached to the engine's cache
+        self.mirror: PageMirror | None = None
+        #: cache side in another process than the request path: the publisher
+        self.server: ChannelServer | None = None
+        #: request side: the subscriber thread when the cache is in another process
+        self.subscriber: ChannelSubscriber | None = None
         #: request side: the ContextPilot doing reorder and dedup against ``index``
-        self.pilot = None
+        self.pilot: ContextPilot | None = None
         #: request side: the last reports (what was done per request), newest last
         self.reports: deque[dict] = deque(maxlen=1000)
         #: request side: mirror lag of the cross-process channel
@@ -136,6 +133,42 @@ class EngineState:
 
     def page_size(self) -> int | None:
         return self.index.page_size
+
+    def pilot_for(self, tokenizer: Any) -> "ContextPilot":
+        """The request side's ContextPilot, made on first use with the engine's tokenizer."""
+        pilot = self.pilot
+        if pilot is None:
+            with self.lock:
+                if self.pilot is None:
+                    from contextpilot_engine.pilot import ContextPilot
+
+                    self.pilot = ContextPilot(config=self.options.pilot, index=self.index, tokenizer=tokenizer)
+                pilot = self.pilot
+        return pilot
+
+    def ensure_channel(self) -> None:
+        """Start mirroring a cache that lives in another process (once; again if the thread ended)."""
+        if self.engine_local or self.options.channel != "auto":
+            return
+        sub = self.subscriber
+        if sub is not None and sub.alive:
+            return
+        with self.lock:
+            if self.subscriber is not None and self.subscriber.alive:
+                return
+            from .channel import ChannelSubscriber
+
+            self.subscriber = ChannelSubscriber(socket_path(self.key, 0), self.index, self.lag).start()
+
+    def close(self) -> None:
+        """Stop this state's channel threads and remove its socket (best effort)."""
+        for part in (self.subscriber, self.server):
+            if part is None:
+                continue
+            try:
+                part.close()
+            except Exception:  # closing is best effort
+                pass
 
 
 def find_state(key: str) -> EngineState | None:
@@ -147,29 +180,16 @@ def find_state(key: str) -> EngineState | None:
         return state
 
 
-def get_state(vllm_config: Any, options: PluginOptions, page_size: int | None = None) -> EngineState:
-    """This process's state for the engine of ``vllm_config``, made on first use."""
-    key, _ = engine_key(vllm_config)
+def get_state(key: str, options: PluginOptions, page_size: int | None = None) -> EngineState:
+    """This process's state for engine ``key``, made on first use."""
     with _registry_lock:
         state = _registry.get(key)
         if state is None or state.pid != os.getpid():
-            if page_size is None:
-                page_size = getattr(getattr(vllm_config, "cache_config", None), "block_size", None)
             state = EngineState(key, options, page_size)
             _registry[key] = state
             while len(_registry) > _MAX_STATES:
                 _, old = _registry.popitem(last=False)
-                _close(old)
+                old.close()
         else:
             _registry.move_to_end(key)
         return state
-
-
-def _close(state: EngineState) -> None:
-    for part in (state.subscriber, state.server):
-        stop = getattr(part, "close", None)
-        if stop is not None:
-            try:
-                stop()
-            except Exception:  # closing is best effort
-                pass

@@ -1,21 +1,14 @@
-"""Request side, engine-independent part: which blocks a chat request carries, and the rewrite.
+"""The chat rewrite: which blocks a conversation carries, and the conversation rewritten around them.
 
-How a request names its context blocks (first match wins):
+How a chat request names its context blocks (first match wins):
 
-1. **Request field** (OpenAI server): ``extra_body={"contextpilot": {...}}``,
-   i.e. a top-level ``contextpilot`` object in the JSON body.
-2. **Message field** (offline ``LLM.chat``, or any client that can add a key
-   to a message): a ``"contextpilot": {...}`` key on any one message.  The
-   key is always removed before vLLM sees the messages.
+1. **Request field**: the request-level :class:`~.requests.RequestSpec`
+   (body field and headers, parsed by the adapter).
+2. **Message field**: a ``"contextpilot": {...}`` key on any one message.
+   The key is always removed before the engine sees the messages.
 3. **Implicit documents** (option ``implicit_documents``, on by default):
    ``<document>...</document>`` elements (optionally ``<document id="x">``)
    in the first system message.
-
-The object accepts ``contexts`` (a list of strings or ``{"text", "id"}``
-objects), ``conversation_id``, ``tenant`` and ``enabled`` (false: leave this
-request alone).  Anything else, or a value of the wrong type, is a
-:class:`ContextPilotRequestError` naming the field; the server answers it
-with HTTP 400.
 
 The rewrite uses the library's prompt layout (:mod:`contextpilot_engine.prompts`):
 the system message becomes *caller's system text, fixed instruction,
@@ -23,95 +16,28 @@ the system message becomes *caller's system text, fixed instruction,
 dedup hints, importance ranking*; the other messages are kept as they are.
 Implicit documents are lifted out of the system text into the same layout,
 so explicit and implicit requests with the same documents share a prefix.
-
-After vLLM has tokenized the rewritten prompt, :func:`bind_served_prompt`
-ties the prompt's block boundaries (as token offsets) and canonical page keys
-to the Context Index, so later requests see which of these blocks the engine
-still holds, page by page.
+Nothing here knows an engine: the adapters hand in plain chat messages.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from contextpilot_engine.pages import chain_page_keys
-from contextpilot_engine.prompts import block_char_ends
+from contextpilot_engine.blocks import Block
+from contextpilot_engine.prompts import Preamble
 
-__all__ = [
-    "ContextPilotRequestError",
-    "RequestSpec",
-    "Plan",
-    "parse_spec",
-    "plan_conversation",
-    "bind_served_prompt",
-    "fallback_conversation",
-    "token_ends_from_offsets",
-    "DOCUMENT_PATTERN",
-]
+from .requests import ContextPilotRequestError, RequestSpec, parse_spec
+
+if TYPE_CHECKING:
+    from contextpilot_engine.pilot import ContextPilot
+
+__all__ = ["Plan", "plan_conversation", "fallback_conversation", "strip_message_specs", "text_of",
+           "DOCUMENT_PATTERN"]
 
 #: implicit documents: ``<document>text</document>`` or ``<document id="x">text</document>``
 DOCUMENT_PATTERN = re.compile(r"<document(?:\s+id\s*=\s*\"([^\"]*)\")?\s*>(.*?)</document>", re.S)
-
-_FIELDS = ("contexts", "conversation_id", "tenant", "enabled")
-
-
-class ContextPilotRequestError(ValueError):
-    """The request's ``contextpilot`` data is malformed (a client error: HTTP 400)."""
-
-
-@dataclass(frozen=True)
-class RequestSpec:
-    """What a request asked of the plugin."""
-
-    contexts: list | None = None
-    conversation_id: str | None = None
-    tenant: str | None = None
-    enabled: bool = True
-    where: str = "contextpilot"
-
-
-def _name(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or len(value) > 256:
-        raise ContextPilotRequestError(
-            f"{where}: expected a non-empty string of at most 256 characters, got {value!r:.80}"
-        )
-    return value
-
-
-def parse_spec(value: Any, where: str = "contextpilot", max_blocks: int = 4096) -> RequestSpec:
-    """Validate a ``contextpilot`` object (from the body, a header set or a message)."""
-    if not isinstance(value, dict):
-        raise ContextPilotRequestError(
-            f"{where}: expected an object with any of {list(_FIELDS)}, got {type(value).__name__}"
-        )
-    unknown = sorted(str(k) for k in value if k not in _FIELDS)
-    if unknown:
-        raise ContextPilotRequestError(f"{where}: unknown field(s) {unknown}; allowed: {list(_FIELDS)}")
-    enabled = value.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ContextPilotRequestError(f"{where}.enabled: expected true or false, got {enabled!r:.80}")
-    contexts = value.get("contexts")
-    if contexts is not None:
-        # Shape checks here (cheap, before any tokenizer runs); the library re-checks with real counts.
-        from contextpilot_engine.blocks import estimate_tokens
-        from contextpilot_engine.validation import parse_context
-
-        try:
-            parse_context(contexts, f"{where}.contexts", estimate_tokens, max_blocks)
-        except (TypeError, ValueError) as exc:
-            raise ContextPilotRequestError(str(exc)) from None
-        contexts = list(contexts)
-    return RequestSpec(
-        contexts=contexts,
-        conversation_id=_name(value.get("conversation_id"), f"{where}.conversation_id"),
-        tenant=_name(value.get("tenant"), f"{where}.tenant"),
-        enabled=enabled,
-        where=where,
-    )
 
 
 def text_of(content: Any) -> str | None:
@@ -136,9 +62,10 @@ class Plan:
     messages: list
     report: dict
     tenant: str = ""
-    preamble: Any = None
-    ordered: list = field(default_factory=list)
+    preamble: Preamble | None = None
+    ordered: list[Block] = field(default_factory=list)
     system_content: str = ""
+    #: the namespace of the served prompt's pages (see :func:`.engine_keys.page_salt`), set by the adapter
     salt: Any = None
 
 
@@ -169,7 +96,7 @@ def _implicit_blocks(system_text: str) -> tuple[list, str] | None:
 
 
 def plan_conversation(
-    pilot: Any,
+    pilot: "ContextPilot",
     messages: Sequence[Any],
     spec: RequestSpec | None,
     implicit_documents: bool,
@@ -276,55 +203,3 @@ def fallback_conversation(messages: Sequence[Any], spec: RequestSpec | None) -> 
     if first is not None and first.get("role") == "system" and isinstance(first.get("content"), str):
         return [dict(first, content=first["content"] + "\n\n" + docs)] + clean[1:]
     return [{"role": "system", "content": docs}] + clean
-
-
-def token_ends_from_offsets(char_ends: Sequence[int], offsets: Sequence[tuple[int, int]]) -> list[int]:
-    """For each character boundary, how many tokens start before it."""
-    out = []
-    j = 0
-    n = len(offsets)
-    for end in char_ends:
-        while j < n and offsets[j][0] < end:
-            j += 1
-        out.append(j)
-    return out
-
-
-def bind_served_prompt(
-    index: Any,
-    plan: Plan,
-    prompt_text: str,
-    token_ids: Sequence[int],
-    offsets: Sequence[tuple[int, int]] | None,
-    retokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]] | None = None,
-) -> bool:
-    """Bind a served prompt's blocks to its canonical pages; False when it cannot be done exactly."""
-    page = index.page_size
-    if page is None or plan.preamble is None or not plan.ordered:
-        return False
-    content = plan.system_content
-    if not content.startswith(plan.preamble.text):
-        return False
-    rel = block_char_ends(plan.preamble.text, plan.ordered)
-    if rel[-1] > len(content) or content[rel[-1] - 1] != "\n":
-        return False  # the layout is not the one this code expects
-    base = prompt_text.find(content)
-    if base < 0:
-        return False  # the chat template changed the content; cannot locate the blocks
-    if offsets is None or len(offsets) != len(token_ids):
-        if retokenize is None:
-            return False
-        ids, offsets = retokenize(prompt_text)
-        if list(ids) != list(token_ids):
-            return False
-    token_ends = token_ends_from_offsets([base + r for r in rel], offsets)
-    keys = chain_page_keys(token_ids[: token_ends[-1]], page, salt=plan.salt)
-    index.bind(
-        plan.tenant,
-        plan.preamble.key,
-        plan.preamble.tokens,
-        [(b.key, b.tokens) for b in plan.ordered],
-        token_ends,
-        keys,
-    )
-    return True

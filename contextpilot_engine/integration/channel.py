@@ -1,22 +1,21 @@
-"""The cross-process channel: page events from the engine core to the API server.
+"""The cross-process channel: page events from the engine's cache to the request side.
 
-When the engine core runs in its own process (always for the OpenAI server,
-and for ``LLM`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), the request
-path cannot read the engine's index.  The engine core therefore listens on a
-Unix socket whose path is derived from the engine's identity
-(:func:`.state.socket_path`); the request side connects to it and applies
-what arrives to its own :class:`~contextpilot_engine.index.ContextIndex`.
-vLLM's ZMQ KV-event publisher is not used: it publishes once per step and
-its events carry vLLM's own hashes, while this channel carries canonical page
-keys as soon as the block pool changes.
+When the engine's cache lives in another process than the request path
+(vLLM's engine core, SGLang's scheduler), the request path cannot read the
+engine side's index.  The engine side therefore listens on a Unix socket
+whose path is derived from the engine's identity (:func:`.state.socket_path`);
+the request side connects to it and applies what arrives to its own
+:class:`~contextpilot_engine.index.ContextIndex`.  The engines' ZMQ KV-event
+publishers are not used: they publish late and their events carry the
+engines' own hashes, while this channel carries canonical page keys as soon
+as the cache changes.
 
 Design points:
 
-* **Events leave with the block-pool call that made them, without blocking
-  the engine.**  The mirror hands each event to :meth:`ChannelServer.sink`
-  and calls :meth:`ChannelServer.flush` when the outermost wrapped
-  block-pool call returns (``cache_full_blocks``, ``get_new_blocks`` which
-  evicts, ``reset_prefix_cache``, ...).  ``flush`` encodes one frame and
+* **Events leave with the cache call that made them, without blocking the
+  engine.**  The mirror (:mod:`.mirror`) hands each event to
+  :meth:`ChannelServer.sink` and calls :meth:`ChannelServer.flush` when the
+  outermost wrapped cache call returns.  ``flush`` encodes one frame and
   writes it with a non-blocking send from the engine thread itself: handing
   it to a helper thread instead would add up to one interpreter switch
   interval (5 ms) whenever the engine thread is busy.  Bytes a slow
@@ -49,13 +48,21 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from .failopen import logger, report_failure
-from .mirror import CLEARED, REMOVED, STORED
 
-__all__ = ["ChannelServer", "ChannelSubscriber", "encode_events", "encode_hello"]
+if TYPE_CHECKING:
+    from contextpilot_engine.index import ContextIndex
 
+    from .state import LagStats
+
+__all__ = ["ChannelServer", "ChannelSubscriber", "MirrorSource", "encode_events", "encode_hello",
+           "STORED", "REMOVED", "CLEARED"]
+
+#: page event opcodes (the mirror emits them, the wire carries them)
+STORED, REMOVED, CLEARED = 1, 2, 3
+#: frame types
 HELLO, EVENTS = 1, 2
 _HEADER = struct.Struct("<IB")
 _HELLO_HEAD = struct.Struct("<II")
@@ -81,6 +88,15 @@ def encode_events(oldest_ns: int, events: list[tuple[int, int]]) -> bytes:
         bytes((op,)) + _key_bytes(key) for op, key in events
     )
     return _HEADER.pack(len(payload), EVENTS) + payload
+
+
+class MirrorSource(Protocol):
+    """What the server needs of the mirror it publishes: its lock, page size and a snapshot."""
+
+    lock: threading.Lock
+    page_size: int
+
+    def canonical_counts_unlocked(self) -> dict[int, int]: ...
 
 
 class _Subscriber:
@@ -138,7 +154,7 @@ class ChannelServer:
     STALL_LIMIT_S = 10.0
     BACKLOG_LIMIT = 64 << 20
 
-    def __init__(self, path: str, mirror: Any):
+    def __init__(self, path: str, mirror: MirrorSource):
         self.path = path
         self.mirror = mirror
         self._pending: list[tuple[int, int]] = []
@@ -269,7 +285,7 @@ class ChannelSubscriber:
     #: how long to wait for an engine core that has not opened its socket yet
     CONNECT_PATIENCE_S = 600.0
 
-    def __init__(self, path: str, index: Any, lag: Any):
+    def __init__(self, path: str, index: "ContextIndex", lag: "LagStats"):
         self.path = path
         self.index = index
         self.lag = lag
