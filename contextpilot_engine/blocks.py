@@ -15,7 +15,7 @@ default is a fast estimate that needs no vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, Union, runtime_checkable
 
 import xxhash
 
@@ -26,6 +26,9 @@ __all__ = [
     "estimate_tokens",
     "block_key",
     "make_block",
+    "block_fields",
+    "checked_count",
+    "count_texts",
     "tokenizer_counter",
 ]
 
@@ -53,19 +56,22 @@ def estimate_tokens(text: str) -> int:
 def tokenizer_counter(tokenizer: Any) -> TokenCounter:
     """Wrap a Hugging Face style tokenizer (anything with ``encode``) as a counter.
 
-    Special tokens are left out: a block sits in the middle of a prompt, where
-    the chat template adds none.
+    The counter keeps counts by content key and tokenizes the unseen texts of
+    a request in one batched call (:class:`.token_counts.CachedTokenCounter`).
+    Special tokens are left out: a block sits in the middle of a prompt,
+    where the chat template adds none.
     """
-    encode = tokenizer.encode
+    from .token_counts import CachedTokenCounter
 
-    def count(text: str) -> int:
-        try:
-            ids = encode(text, add_special_tokens=False)
-        except TypeError:  # tokenizers without the keyword (tiktoken-like)
-            ids = encode(text)
-        return max(1, len(ids))
+    return CachedTokenCounter(tokenizer)
 
-    return count
+
+def count_texts(count_tokens: Callable[[str], int], texts: Sequence[str], keys: Sequence[int]) -> list[int]:
+    """Token counts of ``texts`` (content keys ``keys``), in one batched call where the counter has one."""
+    many = getattr(count_tokens, "count_many", None)
+    if many is not None:
+        return many(texts, keys)
+    return [count_tokens(t) for t in texts]
 
 
 def block_key(text: str) -> int:
@@ -94,12 +100,8 @@ class Block:
         return f"{self.key >> 64:016x}"
 
 
-def make_block(item: BlockInput, count_tokens: Callable[[str], int], where: str) -> Block:
-    """Normalise one caller item into a :class:`Block`.
-
-    ``where`` names the item in error messages (for example ``contexts[2][5]``)
-    so a rejected call says exactly which element was wrong.
-    """
+def block_fields(item: BlockInput, where: str) -> tuple[str, str | None]:
+    """Validate one caller item; its text and label (the caller's id, as a string)."""
     if isinstance(item, str):
         text, label = item, None
     elif isinstance(item, dict):
@@ -118,7 +120,21 @@ def make_block(item: BlockInput, count_tokens: Callable[[str], int], where: str)
         )
     if not text.strip():
         raise ValueError(f"{where}: block text is empty")
-    tokens = count_tokens(text)
+    return text, label
+
+
+def checked_count(tokens: Any, where: str) -> int:
+    """A token counter's answer, validated (at least 1)."""
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ValueError(f"{where}: the token counter returned {tokens!r}; it must return an int >= 0")
-    return Block(block_key(text), text, max(1, tokens), label, item)
+    return max(1, tokens)
+
+
+def make_block(item: BlockInput, count_tokens: Callable[[str], int], where: str) -> Block:
+    """Normalise one caller item into a :class:`Block`.
+
+    ``where`` names the item in error messages (for example ``contexts[2][5]``)
+    so a rejected call says exactly which element was wrong.
+    """
+    text, label = block_fields(item, where)
+    return Block(block_key(text), text, checked_count(count_tokens(text), where), label, item)

@@ -13,12 +13,16 @@ from typing import Any, Mapping
 
 from .index import IndexLimits
 
-__all__ = ["PilotConfig", "DEFAULT_HINT", "DEFAULT_CHUNK_HINT"]
+__all__ = ["PilotConfig", "DEFAULT_HINT", "DEFAULT_CHUNK_HINT", "DEFAULT_COPY_HINT", "DEFAULT_COPY_CHUNK_HINT"]
 
 #: replaces a whole block already sent earlier in the conversation
 DEFAULT_HINT = "[Document {doc_id} was already provided in turn {turn} as document [{position}]; refer to it there.]"
 #: replaces a run of text inside a long block that already appeared earlier in the conversation
 DEFAULT_CHUNK_HINT = "[... {words} words identical to turn {turn}, document [{position}] ...]"
+#: replaces a block whose full text is elsewhere in the prompt being served ({where}: e.g. "message 3 (tool)")
+DEFAULT_COPY_HINT = "[Document {doc_id} is not repeated here: its full text is in {where}.]"
+#: replaces a run of a long block that is elsewhere in the prompt being served
+DEFAULT_COPY_CHUNK_HINT = "[... {words} words identical to {where} ...]"
 
 
 @dataclass(frozen=True)
@@ -36,12 +40,17 @@ class PilotConfig:
     # the batch, so the default leaves batches of up to 4096 requests purely cache-ordered.
     max_delay: int | None = 4096
     # ---- deduplication
-    #: with a conversation id, replace blocks already sent in the conversation by hints.  False
-    #: sends them again (memory chat with short, slowly drifting memories caches better that way);
-    #: the conversation id then still informs the order (blocks about to leave go last).
+    #: with a conversation id, replace a block whose full text is already elsewhere in the prompt
+    #: being served (an earlier message the client resent) by a hint to that copy.  False sends
+    #: every block in full; the conversation id then still informs the order (blocks about to
+    #: leave go last).
     deduplicate: bool = True
+    #: ``deduplicate()`` (the caller keeps earlier turns): a block sent in an earlier turn
     hint_template: str = DEFAULT_HINT
     chunk_hint_template: str = DEFAULT_CHUNK_HINT
+    #: ``optimize``/engines: a block (or a run of a long block) whose text is elsewhere in the prompt
+    copy_hint_template: str = DEFAULT_COPY_HINT
+    copy_chunk_hint_template: str = DEFAULT_COPY_CHUNK_HINT
     #: blocks with at least this many tokens are also deduplicated chunk by chunk
     chunk_min_tokens: int = 256
     #: average chunk size of the content-defined chunking, in words
@@ -74,12 +83,13 @@ class PilotConfig:
             raise ValueError(f"strategies: expected a non-empty list from {list(STRATEGIES)}, got {strategies!r}")
         if not isinstance(self.deduplicate, bool):
             raise ValueError(f"deduplicate: expected a bool, got {self.deduplicate!r}")
-        for name in ("instruction", "tenant", "hint_template", "chunk_hint_template"):
+        templates = ("hint_template", "chunk_hint_template", "copy_hint_template", "copy_chunk_hint_template")
+        for name in ("instruction", "tenant", *templates):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
-        for name in ("hint_template", "chunk_hint_template"):
-            _check_template(name, getattr(self, name))
+        for name in templates:
+            _check_template(name, getattr(self, name), _COPY_FIELDS if name.startswith("copy") else _TEMPLATE_FIELDS)
 
     @property
     def index_limits(self) -> IndexLimits:
@@ -94,11 +104,16 @@ class PilotConfig:
             return cls()
         if not isinstance(values, Mapping):
             raise TypeError(f"contextpilot config: expected a dict, got {type(values).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"contextpilot config: unknown option(s) {unknown}; known options: {sorted(known)}")
+        cls.check_names(values, "contextpilot config")
         return cls(**dict(values))
+
+    @classmethod
+    def check_names(cls, names: Any, where: str, error: type[Exception] = ValueError) -> None:
+        """Raise ``error`` naming any of ``names`` that is not an option, and listing the options."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(n) for n in names if n not in known)
+        if unknown:
+            raise error(f"{where}: unknown option(s) {unknown}; known options: {sorted(known)}")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -123,13 +138,14 @@ _POSITIVE_INTS = (
 )
 
 _TEMPLATE_FIELDS = {"doc_id": "d", "turn": 1, "position": 1, "words": 1, "hash": "h"}
+_COPY_FIELDS = {"doc_id": "d", "where": "message 2 (user)", "words": 1, "hash": "h"}
 
 
-def _check_template(name: str, template: str) -> None:
+def _check_template(name: str, template: str, fields_: Mapping[str, Any]) -> None:
     try:
-        template.format(**_TEMPLATE_FIELDS)
+        template.format(**fields_)
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError(
             f"{name}: invalid template {template!r} ({exc.__class__.__name__}: {exc}); "
-            f"it may use the fields {sorted(_TEMPLATE_FIELDS)}"
+            f"it may use the fields {sorted(fields_)}"
         ) from None

@@ -27,7 +27,7 @@ from typing import Collection, Sequence
 from .blocks import Block
 from .index import ContextIndex
 
-__all__ = ["order_online", "canonical_order", "cached_prefix"]
+__all__ = ["order_online", "order_rest", "canonical_order", "cached_prefix"]
 
 
 class _NoPopularity:
@@ -69,6 +69,19 @@ def cached_prefix(
     return prefix, [i for q in slots.values() for i in q], match.hit_tokens
 
 
+def order_rest(
+    index: ContextIndex, tenant: str, blocks: Sequence[Block], rest: Sequence[int], last: Collection[int] = ()
+) -> list[int]:
+    """The blocks after the cached prefix: canonical popularity order, those in ``last`` after the others."""
+    state = index.peek(tenant)
+    popularity = state.popularity if state else _NO_POPULARITY
+    if last:
+        staying = [i for i in rest if i not in last]
+        leaving = [i for i in rest if i in last]
+        return canonical_order(blocks, staying, popularity) + canonical_order(blocks, leaving, popularity)
+    return canonical_order(blocks, rest, popularity)
+
+
 def order_online(
     index: ContextIndex, tenant: str, preamble_key: int, blocks: Sequence[Block], last: Collection[int] = ()
 ) -> tuple[list[int], int]:
@@ -78,10 +91,4 @@ def order_online(
     part of the cached prefix (those likely to leave the conversation).
     """
     prefix, rest, hit = cached_prefix(index, tenant, preamble_key, blocks)
-    state = index.peek(tenant)
-    popularity = state.popularity if state else _NO_POPULARITY
-    if last:
-        staying = [i for i in rest if i not in last]
-        leaving = [i for i in rest if i in last]
-        return prefix + canonical_order(blocks, staying, popularity) + canonical_order(blocks, leaving, popularity), hit
-    return prefix + canonical_order(blocks, rest, popularity), hit
+    return prefix + order_rest(index, tenant, blocks, rest, last), hit

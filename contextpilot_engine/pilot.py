@@ -28,6 +28,7 @@ from .config import PilotConfig
 from .dedup import ConversationStore
 from .index import ContextIndex
 from .kernels import OverlapBackend, select_backend
+from .prompt_copies import PromptCopies
 from .prompts import Preamble, PromptLayout, position_labels, render_messages
 from .request_pipeline import ServedPrompt, serve_request
 from .validation import (
@@ -37,6 +38,7 @@ from .validation import (
     check_query,
     parse_context,
     parse_contexts,
+    parse_messages,
     parse_queries,
 )
 
@@ -77,6 +79,7 @@ class ContextPilot:
             raise TypeError(f"use_gpu: expected bool, got {type(use_gpu).__name__}")
         if config is not None and options:
             raise TypeError("pass either config= or individual options, not both")
+        PilotConfig.check_names(options, "ContextPilot() got unexpected keyword argument(s)", TypeError)
         self.config = config or PilotConfig(**options)
         self.count_tokens = _token_counter(tokenizer)
         self.backend: OverlapBackend = select_backend(use_gpu, strict=strict_gpu)
@@ -112,20 +115,29 @@ class ContextPilot:
         conversation_id: str | None = None,
         system_instruction: str | None = None,
         tenant: str | None = None,
+        messages: Sequence[dict] | None = None,
     ) -> list[dict]:
         """Reorder ``docs`` against the live index and return ``[system, user]`` messages.
 
         The cached (or most shareable) blocks come first; an importance
         ranking after the blocks restates the retrieval order.  With a
-        ``conversation_id``, blocks already sent earlier in that conversation
-        are replaced by reference hints (placed after the blocks; config
-        ``deduplicate=False`` sends them again), and blocks the conversation
-        is likely to drop before its next turn go after the others.
+        ``conversation_id``, blocks the conversation is likely to drop before
+        its next turn go after the others.
+
+        ``messages`` is the conversation so far (chat messages), served
+        between the system message and the query: the result is then
+        ``[system, *messages, user]``.  With a ``conversation_id`` (and config
+        ``deduplicate`` on), a block whose full text is already in one of
+        those messages becomes a short hint naming that message, unless it is
+        part of the cached prefix.  A block is never replaced by a reference
+        to anything the returned prompt does not contain; to deduplicate
+        against turns you keep yourself, use :meth:`deduplicate`.
         """
-        messages, _ = self.optimize_with_report(
-            docs, query, conversation_id=conversation_id, system_instruction=system_instruction, tenant=tenant
+        out, _ = self.optimize_with_report(
+            docs, query, conversation_id=conversation_id, system_instruction=system_instruction, tenant=tenant,
+            messages=messages,
         )
-        return messages
+        return out
 
     def optimize_with_report(
         self,
@@ -135,14 +147,19 @@ class ContextPilot:
         conversation_id: str | None = None,
         system_instruction: str | None = None,
         tenant: str | None = None,
+        messages: Sequence[dict] | None = None,
     ) -> tuple[list[dict], dict]:
         """:meth:`optimize`, plus a report of what was done (blocks moved, tokens saved, expected hits)."""
         blocks = self.parse_docs(docs, "docs")
         check_query(query, "query")
+        history = parse_messages(messages, "messages") if messages is not None else []
+        copies = PromptCopies.from_messages([*history, {"role": "user", "content": query}], first_number=2)
         served = self.serve(
-            blocks, query, conversation_id=conversation_id, system_instruction=system_instruction, tenant=tenant
+            blocks, query, conversation_id=conversation_id, system_instruction=system_instruction, tenant=tenant,
+            copies=copies,
         )
-        return served.messages, served.report
+        system, user = served.messages
+        return [system, *history, user], served.report
 
     def parse_docs(self, docs: Sequence[Any], name: str = "docs") -> list[Block]:
         """Validate and normalise one context; errors name ``name`` and the offending index."""
@@ -156,26 +173,27 @@ class ContextPilot:
         conversation_id: str | None = None,
         system_instruction: str | None = None,
         tenant: str | None = None,
+        copies: PromptCopies | None = None,
     ) -> "ServedPrompt":
-        """Dedup, reorder and render one request whose blocks are already parsed (:meth:`parse_docs`).
+        """Reorder, deduplicate and render one request whose blocks are already parsed (:meth:`parse_docs`).
 
         This is :meth:`optimize` for callers that build the final prompt
         themselves (the engine plugins): besides the messages it returns the
         blocks in prompt order and the preamble, which is what binding the
-        served prompt to the engine's pages needs.
+        served prompt to the engine's pages needs.  ``copies`` is the rest of
+        the prompt the caller serves (:class:`PromptCopies`), the only place a
+        deduplicated block may refer to.
         """
         cid = check_name(conversation_id, "conversation_id", allow_none=True)
         check_optional_str(system_instruction, "system_instruction")
         name = self._tenant(tenant)
         with self._lock:
-            plan = (
-                self.conversations.check(name, cid, blocks, self.count_tokens, deduplicate=self.config.deduplicate)
-                if cid
-                else None
+            turn = (
+                self.conversations.check(name, cid, blocks, self.count_tokens, deduplicate=False) if cid else None
             )
             return serve_request(
-                self.index, self.conversations, self.layout, name, self._preamble(system_instruction), list(blocks),
-                query, plan,
+                self.index, self.conversations, self.layout, self.config, self.count_tokens, name,
+                self._preamble(system_instruction), list(blocks), query, turn, copies,
             )
 
     # ------------------------------------------------------------- offline
@@ -249,6 +267,13 @@ class ContextPilot:
         tenant: str | None = None,
     ) -> list[dict]:
         """Deduplicate each context (one turn each, in order) against the conversation so far.
+
+        This is the reference API's conversation memory: a hint stands for a
+        block *sent in an earlier turn*, so the caller must keep those earlier
+        turns (with the blocks' text) in the prompt it sends; a hint to a turn
+        the prompt no longer holds hides that document from the model.  To
+        deduplicate only against what the served prompt really contains, pass
+        the conversation's messages to :meth:`optimize` instead.
 
         Returns one dict per context:
 

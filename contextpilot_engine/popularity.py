@@ -16,9 +16,13 @@ memory-chat benchmark; ``decay=1`` turns it off).
 
 from __future__ import annotations
 
+import random
 from typing import Iterable, Mapping
 
 __all__ = ["BlockPopularity"]
+
+#: entries compared per eviction; a handful gets close to evicting the true minimum
+_EVICTION_SAMPLE = 8
 
 
 class BlockPopularity:
@@ -32,6 +36,10 @@ class BlockPopularity:
         self._count: dict[int, int] = {}
         self._seen: dict[int, int] = {}
         self._clock = 0
+        #: the tracked keys as a list too (position in ``_slot``), so that eviction can sample in O(1)
+        self._keys: list[int] = []
+        self._slot: dict[int, int] = {}
+        self._rng = random.Random(0)
 
     def __len__(self) -> int:
         return len(self._count)
@@ -46,29 +54,41 @@ class BlockPopularity:
     def add(self, keys: Iterable[int]) -> None:
         """Count one request that contained ``keys`` (a multiset counts each copy)."""
         self._clock += 1
-        clock = self._clock
-        count, seen = self._count, self._seen
         for k in keys:
-            count[k] = count.get(k, 0) + 1
-            seen[k] = clock
-        if len(count) > self.max_entries + self.max_entries // 4:
-            self._prune()
+            self._bump(k, 1)
+        self._evict()
 
     def add_counts(self, counts: Mapping[int, int]) -> None:
         """Add pre-aggregated counts (a whole batch at once)."""
         self._clock += 1
-        clock = self._clock
-        count, seen = self._count, self._seen
         for k, c in counts.items():
-            count[k] = count.get(k, 0) + c
-            seen[k] = clock
-        if len(count) > self.max_entries + self.max_entries // 4:
-            self._prune()
+            self._bump(k, c)
+        self._evict()
 
-    def _prune(self) -> None:
-        keep = sorted(self._count, key=lambda k: (self._count[k], self._seen[k], k), reverse=True)[: self.max_entries]
-        self._count = {k: self._count[k] for k in keep}
-        self._seen = {k: self._seen[k] for k in keep}
+    def _bump(self, key: int, n: int) -> None:
+        count = self._count
+        old = count.get(key)
+        if old is None:
+            self._slot[key] = len(self._keys)
+            self._keys.append(key)
+            old = 0
+        count[key] = old + n
+        self._seen[key] = self._clock
+
+    def _evict(self) -> None:
+        """Drop sampled least valuable entries until the table fits (work bounded by the keys just added)."""
+        keys, rng = self._keys, self._rng
+        while len(keys) > self.max_entries:
+            victim = min(
+                (keys[rng.randrange(len(keys))] for _ in range(_EVICTION_SAMPLE)),
+                key=lambda k: (self.count(k), self._seen[k], k),
+            )
+            pos = self._slot.pop(victim)
+            last = keys.pop()
+            if last != victim:
+                keys[pos] = last
+                self._slot[last] = pos
+            del self._count[victim], self._seen[victim]
 
     def snapshot(self) -> dict[int, int]:
         return dict(self._count)

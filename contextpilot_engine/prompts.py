@@ -27,7 +27,15 @@ from typing import Sequence
 
 from .blocks import Block, block_key
 
-__all__ = ["PromptLayout", "Preamble", "render_messages", "ranking_note", "position_labels", "block_char_ends"]
+__all__ = [
+    "PromptLayout",
+    "Preamble",
+    "render_messages",
+    "ranking_note",
+    "position_labels",
+    "block_char_ends",
+    "as_given_system",
+]
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,7 @@ class PromptLayout:
         hit = self._cache.get(system_instruction)
         if hit is not None:
             return hit
-        parts = [system_instruction] if system_instruction else []
-        parts.append(self.instruction)
-        text = "\n\n".join(parts) + "\n\n" + self.OPEN
+        text = preamble_text(self.instruction, system_instruction)
         pre = Preamble(text, block_key(text), count_tokens(text))
         if len(self._cache) < 256:
             self._cache[system_instruction] = pre
@@ -62,6 +68,24 @@ class PromptLayout:
     def block_line(position: int, text: str) -> str:
         """How block ``position`` (1-based) appears in the prompt; :func:`render_messages` writes the same."""
         return f"[{position}] {text}\n"
+
+
+def preamble_text(instruction: str, system_instruction: str | None) -> str:
+    """Caller's system text (if any), the fixed instruction, then the opening tag."""
+    parts = [system_instruction] if system_instruction else []
+    parts.append(instruction)
+    return "\n\n".join(parts) + "\n\n" + PromptLayout.OPEN
+
+
+def as_given_system(instruction: str, system_instruction: str | None, texts: Sequence[str]) -> str:
+    """The system message of this layout with the blocks as given: no reordering, hints or ranking.
+
+    What a request that opted out (``enabled: false``) or that our code failed
+    on is served with: the client's blocks, in the client's order, where the
+    layout puts them.
+    """
+    body = "".join(PromptLayout.block_line(i, t) for i, t in enumerate(texts, 1))
+    return preamble_text(instruction, system_instruction) + body + PromptLayout.CLOSE
 
 
 _LABELS: list[str] = []

@@ -1,26 +1,35 @@
-"""One online request, end to end: the turn's plan, the cached-prefix order, the prompt, then the bookkeeping.
+"""One online request, end to end: cached prefix, copies elsewhere in the prompt, order, prompt, bookkeeping.
 
 :class:`~contextpilot_engine.pilot.ContextPilot` validates input and holds
 the lock; :func:`serve_request` does the work for one request whose blocks
-are parsed, in an order that keeps a rejected request from changing state:
+are parsed:
 
-1. the blocks to send (a conversation's repeats become hints, see
-   :mod:`.dedup`) and the ones likely to leave the conversation;
-2. their order (:func:`.online_reorder.order_online`): the longest cached
-   prefix first, then canonical popularity order;
-3. the prompt (:func:`.prompts.render_messages`): blocks, then hints and the
+1. the longest cached prefix of the blocks (:func:`.online_reorder.cached_prefix`):
+   those blocks go first, in the cached order, and are always sent in full,
+   since the engine reuses their KV and leaving one out would break the
+   prefix;
+2. with a conversation and deduplication on, each other block whose text is
+   present elsewhere in the prompt being served (``copies``, see
+   :mod:`.prompt_copies`) becomes a hint to that copy; nothing is ever
+   replaced by a reference to something the prompt does not hold;
+3. the rest in canonical popularity order, blocks likely to leave the
+   conversation last (:mod:`.lifetimes`);
+4. the prompt (:func:`.prompts.render_messages`): blocks, then hints and the
    importance ranking;
-4. the index learns the served sequence and the conversation its turn.
+5. the index learns the served sequence and the conversation its turn.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .blocks import Block
-from .dedup import ConversationStore, TurnPlan
+from .config import PilotConfig
+from .dedup import BlockFate, ConversationStore, TurnPlan
 from .index import ContextIndex
-from .online_reorder import order_online
+from .online_reorder import cached_prefix, order_rest
+from .prompt_copies import PromptCopies, copy_fates
 from .prompts import Preamble, PromptLayout, render_messages
 
 __all__ = ["ServedPrompt", "serve_request"]
@@ -42,48 +51,49 @@ def serve_request(
     index: ContextIndex,
     conversations: ConversationStore,
     layout: PromptLayout,
+    config: PilotConfig,
+    count_tokens: Callable[[str], int],
     tenant: str,
     preamble: Preamble,
     blocks: list[Block],
     query: str,
-    plan: TurnPlan | None,
+    turn: TurnPlan | None,
+    copies: PromptCopies | None,
 ) -> ServedPrompt:
-    """Serve one request (see the module docstring); ``plan`` is its conversation turn, if any."""
-    if plan is None:
-        sent_idx = list(range(len(blocks)))
-        sent = list(blocks)
-        leaving: set[int] = set()
-    else:
-        sent_idx = [i for i, f in enumerate(plan.fates) if f.kind != "repeat"]
-        sent = [plan.fates[i].block for i in sent_idx]
-        leaving = {j for j, i in enumerate(sent_idx) if i in plan.leaving}
-    order, expected_hit = order_online(index, tenant, preamble.key, sent, leaving) if sent else ([], 0)
-    ordered = [sent[j] for j in order]
-    position_of = {sent_idx[j]: pos + 1 for pos, j in enumerate(order)}
+    """Serve one request (see the module docstring); ``turn`` is its conversation turn, if any."""
+    prefix, rest, expected_hit = cached_prefix(index, tenant, preamble.key, blocks)
+    fates: dict[int, BlockFate] = {}
+    if turn is not None and copies and config.deduplicate:
+        fates = copy_fates(
+            blocks, rest, copies, count_tokens, config.copy_hint_template, config.copy_chunk_hint_template,
+            config.chunk_min_tokens, config.chunk_target_words,
+        )
+    hinted = {i for i, f in fates.items() if f.kind == "repeat"}
+    sent = {i: fates[i].block if i in fates else b for i, b in enumerate(blocks) if i not in hinted}
+    rest = [i for i in rest if i not in hinted]
+    leaving = turn.leaving if turn is not None else ()
+    order = prefix + order_rest(index, tenant, [sent.get(i, b) for i, b in enumerate(blocks)], rest, leaving)
+    ordered = [sent[i] for i in order]
+    position_of = {i: pos + 1 for pos, i in enumerate(order)}
     relevance: list[str] = []
     hints: list[str] = []
     for i in range(len(blocks)):
         if i in position_of:
             relevance.append(f"[{position_of[i]}]")
         else:
-            fate = plan.fates[i]  # type: ignore[union-attr]
-            hints.append(fate.hint or "")
+            hints.append(f"(hint {len(hints) + 1}) {fates[i].hint}")
             relevance.append(f"(hint {len(hints)})")
-    if hints:
-        hints = [f"(hint {k + 1}) {h}" for k, h in enumerate(hints)]
     messages = render_messages(layout, preamble, ordered, relevance, query, hints)
     if ordered:
         index.record(tenant, preamble.key, preamble.tokens, [(b.key, b.tokens) for b in ordered])
-    if plan is not None:
-        originals = [(blocks[sent_idx[j]], pos + 1) for pos, j in enumerate(order)]
-        conversations.commit(tenant, plan.conversation_id, originals, blocks)
-    moved = sum(1 for pos, j in enumerate(order) if j != pos)
+    if turn is not None:
+        conversations.commit(tenant, turn.conversation_id, [(blocks[i], pos + 1) for pos, i in enumerate(order)], blocks)
     report = {
         "blocks": len(blocks),
-        "blocks_moved": moved,
-        "blocks_deduplicated": len(blocks) - len(sent),
-        "tokens_saved_by_dedup": plan.tokens_saved if plan else 0,
+        "blocks_moved": sum(1 for pos, i in enumerate(order) if i != pos),
+        "blocks_deduplicated": len(blocks) - len(order),
+        "tokens_saved_by_dedup": sum(f.tokens_saved for f in fates.values()),
         "expected_cached_tokens": expected_hit,
-        "order": [sent_idx[j] for j in order],
+        "order": order,
     }
-    return ServedPrompt(messages, report, tenant, preamble, ordered, plan.turn if plan else None)
+    return ServedPrompt(messages, report, tenant, preamble, ordered, turn.turn if turn is not None else None)

@@ -38,7 +38,9 @@ _node_id = attrgetter("id")
 class TrieNode:
     """One block (or the preamble) at one position of one served prefix."""
 
-    __slots__ = ("id", "parent", "key", "tokens", "children", "last_access", "visits", "pages", "lead_cached")
+    __slots__ = (
+        "id", "parent", "key", "tokens", "children", "last_access", "visits", "pages", "lead_cached", "heap_stamp"
+    )
 
     def __init__(self, node_id: int, parent: "TrieNode | None", key: int, tokens: int):
         self.id = node_id
@@ -52,6 +54,8 @@ class TrieNode:
         self.pages: tuple[Hashable, ...] | None = None
         #: engine mode: how many of ``pages``, counted from the first, the engine holds
         self.lead_cached = 0
+        #: the stamp of this node's entry in the trie's eviction heap (-1: not in it)
+        self.heap_stamp = -1
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"TrieNode(id={self.id}, key={self.key}, tokens={self.tokens}, children={len(self.children)})"
@@ -93,7 +97,10 @@ class BlockTrie:
         self.nodes: dict[int, TrieNode] = {self.root.id: self.root}
         self.cached_tokens = 0  # model mode: total tokens held by the modelled cache
         self.tick = 0
-        self._lru: list[tuple[int, int]] = []  # (last_access, node id), lazily invalidated
+        #: eviction candidates (stamp, node id), at most one entry per node; an entry whose stamp is
+        #: older than the node's last access is pushed again with the newer stamp when it surfaces,
+        #: so the heap never outgrows the trie and never needs an O(nodes) rebuild
+        self._lru: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ state
     @property
@@ -238,7 +245,7 @@ class BlockTrie:
                 child.visits += 1
             path.append(child)
             node = child
-        heapq.heappush(self._lru, (tick, node.id))
+        self._push(node)
         self._enforce_bounds(protect=node)
         return path
 
@@ -263,6 +270,7 @@ class BlockTrie:
         for child in list(self.root.children.values()):
             self.remove_subtree(child)
         self._lru.clear()
+        self.root.heap_stamp = -1
 
     def _forget(self, node: TrieNode) -> None:
         del self.nodes[node.id]
@@ -272,9 +280,14 @@ class BlockTrie:
         node.children = {}
         node.parent = None
 
+    def _push(self, node: TrieNode) -> None:
+        if node.heap_stamp < 0:
+            node.heap_stamp = node.last_access
+            heapq.heappush(self._lru, (node.last_access, node.id))
+
     def _push_if_leaf(self, node: TrieNode) -> None:
         if node is not self.root and not node.children:
-            heapq.heappush(self._lru, (node.last_access, node.id))
+            self._push(node)
 
     def _enforce_bounds(self, protect: TrieNode | None = None) -> None:
         over_capacity = self.engine_page_size is None and self.cached_tokens > self.capacity_tokens
@@ -289,20 +302,21 @@ class BlockTrie:
         ):
             stamp, node_id = heapq.heappop(heap)
             node = nodes.get(node_id)
-            if node is None or node.children or node.last_access != stamp:
-                continue  # stale entry
+            if node is None:
+                continue  # removed meanwhile
+            if node.children:
+                node.heap_stamp = -1  # not a leaf: pushed again when it becomes one
+                continue
+            if node.last_access != stamp:  # used since it was pushed: its place is further back
+                node.heap_stamp = node.last_access
+                heapq.heappush(heap, (node.last_access, node_id))
+                continue
             if node is protect:  # the path just served is evicted last
                 deferred.append((stamp, node_id))
                 continue
             self.remove_subtree(node)
         for entry in deferred:
             heapq.heappush(heap, entry)
-        if len(heap) > 4 * len(nodes) + 1024:
-            self._rebuild_lru()
-
-    def _rebuild_lru(self) -> None:
-        self._lru = [(n.last_access, n.id) for n in self.nodes.values() if n is not self.root and not n.children]
-        heapq.heapify(self._lru)
 
     # ------------------------------------------------------------- inspection
     def path_keys(self, node: TrieNode) -> list[int]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .blocks import Block, make_block
+from .blocks import Block, block_fields, block_key, checked_count, count_texts
 
 __all__ = [
     "UnknownIdError",
     "parse_context",
     "parse_contexts",
     "parse_queries",
+    "parse_messages",
     "check_name",
     "check_int",
 ]
@@ -32,37 +33,19 @@ def _is_sequence(obj: Any) -> bool:
 
 
 class _BlockMaker:
-    """Builds blocks for one call, reusing the block of a text seen earlier in the call.
+    """Builds blocks for one call: each distinct text validated, hashed and counted once.
 
     Batches repeat the same popular chunks many times; hashing and counting each
     text once per call keeps a 100k-context batch fast, and every repeat of a
     text is the *same* :class:`Block` object (batch algorithms intern by it).
+    The texts not seen before in the call are counted together, in one batched
+    tokenizer call where the counter offers one.
     """
 
     def __init__(self, count_tokens: Callable[[str], int]):
         self.count_tokens = count_tokens
         self.by_text: dict[str, Block] = {}  # plain-string blocks
         self.by_dict: dict[tuple, Block] = {}  # dict blocks, by (text, label)
-
-    def make(self, item: Any, name: str, index: int) -> Block:
-        if isinstance(item, str):
-            block = self.by_text.get(item)
-            if block is None:
-                block = self.by_text[item] = make_block(item, self.count_tokens, f"{name}[{index}]")
-            return block
-        if isinstance(item, dict):
-            text, label = item.get("text"), item.get("id")
-            if isinstance(text, str) and (label is None or isinstance(label, (str, int))):
-                memo_key = (text, label)
-                block = self.by_dict.get(memo_key)
-                if block is not None:
-                    if block.source is item:
-                        return block
-                    return Block(block.key, block.text, block.tokens, block.label, item)
-                block = make_block(item, self.count_tokens, f"{name}[{index}]")
-                self.by_dict[memo_key] = block
-                return block
-        return make_block(item, self.count_tokens, f"{name}[{index}]")  # raises a precise error
 
     def make_all(self, context: Sequence[Any], name: str) -> list[Block]:
         # fast path: strings already seen in this call are one dict lookup each
@@ -71,10 +54,40 @@ class _BlockMaker:
             out: list[Any] = list(map(get, context))
         except TypeError:  # an unhashable item (a dict block, or bad input)
             out = [None] * len(context)
-        if None in out:
-            for i, item in enumerate(context):
-                if out[i] is None or type(item) is not str:
-                    out[i] = self.make(item, name, i)
+        if None not in out:
+            return out
+        pending: dict[tuple, list[int]] = {}  # memo key -> positions still to build
+        fields: dict[tuple, tuple[str, str | None]] = {}
+        for i, item in enumerate(context):
+            if out[i] is not None and type(item) is str:
+                continue
+            text, label = block_fields(item, f"{name}[{i}]")
+            memo = (text, None) if isinstance(item, str) else (text, label, "dict")
+            known = self.by_text.get(text) if isinstance(item, str) else self.by_dict.get((text, label))
+            if known is not None:
+                out[i] = known if type(item) is str or known.source is item else Block(
+                    known.key, text, known.tokens, label, item
+                )
+                continue
+            pending.setdefault(memo, []).append(i)
+            fields[memo] = (text, label)
+        if pending:
+            memos = list(pending)
+            texts = [fields[m][0] for m in memos]
+            keys = [block_key(t) for t in texts]
+            counts = count_texts(self.count_tokens, texts, keys)
+            for memo, key, n in zip(memos, keys, counts):
+                text, label = fields[memo]
+                first = pending[memo][0]
+                block = Block(key, text, checked_count(n, f"{name}[{first}]"), label, context[first])
+                if len(memo) == 2:
+                    self.by_text[text] = block
+                else:
+                    self.by_dict[(text, label)] = block
+                for i in pending[memo]:
+                    item = context[i]
+                    same = len(memo) == 2 or block.source is item  # equal strings share one Block
+                    out[i] = block if same else Block(key, text, block.tokens, label, item)
         return out
 
 
@@ -139,6 +152,21 @@ def parse_queries(queries: Any, name: str, expected: int, contexts_name: str) ->
     for i, q in enumerate(queries):
         check_query(q, f"{name}[{i}]")
     return list(queries)
+
+
+def parse_messages(messages: Any, name: str) -> list[dict]:
+    """Validate chat messages (a list of ``{"role": str, "content": str or parts}``); returns a list copy."""
+    if isinstance(messages, (str, dict)) or not _is_sequence(messages):
+        raise TypeError(f"{name}: expected a list of chat messages, got {type(messages).__name__}")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise TypeError(f"{name}[{i}]: expected a dict with 'role' and 'content', got {type(msg).__name__}")
+        if not isinstance(msg.get("role"), str) or not msg["role"]:
+            raise ValueError(f"{name}[{i}]: 'role' must be a non-empty string")
+        content = msg.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise TypeError(f"{name}[{i}]['content']: expected str or a list of parts, got {type(content).__name__}")
+    return list(messages)
 
 
 def check_query(query: Any, name: str) -> str:

@@ -68,16 +68,71 @@ def test_conversations_and_tenants_are_separate():
         pilot.conversation_turns("c1", tenant="alice")
 
 
-def test_optimize_with_conversation_dedups_and_reports():
+def test_optimize_never_hides_a_document_the_prompt_does_not_hold():
+    """Without the conversation's messages there is no copy in the prompt: every block is sent in full."""
     pilot = ContextPilot()
     doc_a = "first document text long enough for a hint to pay off " * 3
     doc_b = "second document text long enough for a hint to pay off " * 3
     pilot.optimize([doc_a, doc_b], "q1", conversation_id="chat")
     messages, report = pilot.optimize_with_report([doc_b, "new doc"], "q2", conversation_id="chat")
     system = messages[0]["content"]
-    assert doc_b not in system and "new doc" in system
-    assert report["blocks_deduplicated"] == 1 and report["tokens_saved_by_dedup"] > 0
-    assert system.index("</documents>") < system.index("already provided")
+    assert doc_b in system and "new doc" in system
+    assert report["blocks_deduplicated"] == 0 and report["tokens_saved_by_dedup"] == 0
+
+
+def test_optimize_with_messages_hints_at_the_copy_in_the_prompt():
+    pilot = ContextPilot()
+    doc_a = "first document text long enough for a hint to pay off " * 3
+    doc_b = "second document text long enough for a hint to pay off " * 3
+    history = [{"role": "user", "content": "look at this"}, {"role": "tool", "content": "output:\n" + doc_b}]
+    messages, report = pilot.optimize_with_report(
+        [doc_b, doc_a], "q2", conversation_id="chat", messages=history
+    )
+    assert [m["role"] for m in messages] == ["system", "user", "tool", "user"]
+    assert messages[1:3] == history and messages[-1]["content"] == "q2"
+    system = messages[0]["content"]
+    assert doc_a in system and doc_b not in system
+    assert report["blocks_deduplicated"] == 1 and report["tokens_saved_by_dedup"] > 0 and report["order"] == [1]
+    assert "message 3 (tool)" in system and system.index("</documents>") < system.index("message 3 (tool)")
+    # every document's text is somewhere in the prompt served
+    served = "".join(m["content"] for m in messages)
+    assert doc_a in served and doc_b in served
+    # without a conversation id, or with deduplicate off, nothing is replaced
+    _, plain = pilot.optimize_with_report([doc_b, doc_a], "q3", messages=history)
+    off = ContextPilot(deduplicate=False).optimize_with_report([doc_b], "q", conversation_id="c", messages=history)[1]
+    assert plain["blocks_deduplicated"] == 0 and off["blocks_deduplicated"] == 0
+
+
+def test_a_block_in_the_cached_prefix_is_never_replaced():
+    """Replacing a cached block would break the prefix the engine reuses; it stays, in full."""
+    pilot = ContextPilot()
+    doc_a = "first document text long enough for a hint to pay off " * 3
+    doc_b = "second document text long enough for a hint to pay off " * 3
+    first = pilot.optimize([doc_a, doc_b], "q1", conversation_id="chat")
+    history = [{"role": "assistant", "content": doc_a + doc_b}]
+    messages, report = pilot.optimize_with_report([doc_b, doc_a], "q2", conversation_id="chat", messages=history)
+    assert report["blocks_deduplicated"] == 0 and report["expected_cached_tokens"] > 0
+    assert messages[0]["content"].split("</documents>")[0] == first[0]["content"].split("</documents>")[0]
+
+
+def test_long_block_runs_present_in_the_prompt_are_replaced_chunk_by_chunk():
+    pilot = ContextPilot(chunk_min_tokens=64)
+    words = " ".join(f"log{i} line{i % 7}" for i in range(400))
+    shown = words[: len(words) // 2]
+    history = [{"role": "tool", "content": shown}]
+    messages, report = pilot.optimize_with_report([words], "q", conversation_id="c", messages=history)
+    system = messages[0]["content"]
+    assert report["blocks_deduplicated"] == 0 and report["tokens_saved_by_dedup"] > 0
+    assert "words identical to message 2 (tool)" in system
+    assert words[-200:] in system  # the part the prompt does not hold elsewhere is sent
+
+
+def test_optimize_messages_are_validated():
+    pilot = ContextPilot()
+    with pytest.raises(TypeError, match=r"messages\[0\]"):
+        pilot.optimize(["d"], "q", messages=["not a dict"])
+    with pytest.raises(ValueError, match=r"messages\[0\]: 'role'"):
+        pilot.optimize(["d"], "q", messages=[{"content": "x"}])
 
 
 def test_conversation_memory_is_bounded():

@@ -152,3 +152,23 @@ def test_engine_mode_node_count_is_bounded():
     assert idx.tenant("t").trie.node_count() <= 50
     # pages of dropped nodes are no longer bound
     assert idx.stats()["bound_pages"] <= 50 * 4
+
+
+def test_popularity_table_is_bounded_and_keeps_what_recurs():
+    from contextpilot_engine.popularity import BlockPopularity
+
+    pop = BlockPopularity(100, decay=0.97)
+    for r in range(5000):
+        pop.add([7, 10_000 + r, 20_000 + r])  # block 7 recurs, the others are seen once
+        assert len(pop) <= 100
+    assert pop.count(7) > 10 and pop.count(10_000) == 0
+
+
+def test_eviction_heap_never_outgrows_the_trie():
+    """Re-touching the same leaves must not pile up heap entries (no O(nodes) rebuild on a request)."""
+    idx = ContextIndex(IndexLimits(capacity_tokens=10**9, max_nodes=64))
+    for r in range(3000):
+        idx.record("t", PRE, 5, [(r % 40, 10), (1000 + r % 7, 10)])
+        trie = idx.tenant("t").trie
+        assert len(trie._lru) <= trie.node_count() + 1
+    assert trie.node_count() <= 64
