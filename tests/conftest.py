@@ -4,8 +4,32 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import pytest
+
+# ---------------------------------------------------------------------------
+# One temporary directory for the whole session (TMPDIR for this process and
+# every engine or server it starts), removed at the end: the tests leave no
+# file behind in the machine's temporary directory, whatever the engines put
+# there (vLLM's IPC sockets, our channel's socket, server logs).
+
+_SESSION_TMP: str | None = None
+
+
+def pytest_configure(config) -> None:
+    global _SESSION_TMP
+    if os.environ.get("CONTEXTPILOT_TEST_TMPDIR") is None:  # not in a worker of an outer session
+        _SESSION_TMP = tempfile.mkdtemp(prefix="cp-tests-")
+        os.environ["CONTEXTPILOT_TEST_TMPDIR"] = _SESSION_TMP
+        os.environ["TMPDIR"] = _SESSION_TMP
+        tempfile.tempdir = _SESSION_TMP
+
+
+def pytest_unconfigure(config) -> None:
+    if _SESSION_TMP is not None:
+        shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------

@@ -79,17 +79,31 @@ def test_without_the_switch_nothing_is_added(parser, model):
     assert "contextpilot" not in (args.additional_config or {})
 
 
-def test_option_without_the_switch_is_an_error(parser, model):
-    with pytest.raises(ValueError, match="--contextpilot-tenant given without --enable-contextpilot"):
+def test_option_without_the_switch_is_an_error(parser, model, capsys):
+    with pytest.raises(SystemExit) as exit_:
         engine_args(parser, ["--model", model, "--contextpilot-tenant", "x"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --contextpilot-tenant given without --enable-contextpilot" in err and "Traceback" not in err
 
 
-def test_bad_flag_values_are_named(parser, model):
-    with pytest.raises(ValueError, match="max_overtakes"):
-        engine_args(parser, ["--model", model, "--enable-contextpilot", "--contextpilot-max-overtakes", "-1"])
-    with pytest.raises(ValueError, match="strategies"):
-        engine_args(parser, ["--model", model, "--enable-contextpilot", "--contextpilot-strategies", "nope"])
-    with pytest.raises(SystemExit):  # argparse: unrecognized argument
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--contextpilot-max-overtakes", "-1", "argument --contextpilot-max-overtakes: max_overtakes: expected an int >= 0"),
+        ("--contextpilot-strategies", "nope", "argument --contextpilot-strategies: strategies: expected a non-empty list"),
+        ("--contextpilot-popularity-decay", "1.5", "popularity_decay: expected a number in (0, 1], got 1.5"),
+        ("--contextpilot-max-nodes", "many", "argument --contextpilot-max-nodes: 'many' is not a valid int"),
+    ],
+)
+def test_bad_flag_values_are_one_line_naming_the_flag(parser, model, capsys, flag, value, message):
+    with pytest.raises(SystemExit):  # argparse's own error: usage line, then one line naming the flag
+        parser.parse_args(["--model", model, "--enable-contextpilot", flag, value])
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_flag_is_argparses_error(parser, model):
+    with pytest.raises(SystemExit):
         parser.parse_args(["--model", model, "--contextpilot-bogus", "1"])
 
 

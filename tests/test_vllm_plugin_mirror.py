@@ -176,7 +176,7 @@ def test_channel_subscriber_converges_to_the_mirror(mirrored_llm):
     driver = Driver(mirrored_llm)
     assert mirrored_llm.reset_prefix_cache() is True  # only this test's prompts are in the table
     mirror = driver.state.mirror
-    path = os.path.join(tempfile.mkdtemp(prefix="cp-test-"), "ev.sock")
+    path = os.path.join(tempfile.gettempdir(), f"cp-test-{os.getpid()}.sock")
     server = ChannelServer(path, mirror)
     server.start()
     mirror.publisher = server
@@ -208,6 +208,7 @@ def test_channel_subscriber_converges_to_the_mirror(mirrored_llm):
         if sub is not None:
             sub.close()
         server.close()
+    assert not os.path.exists(path)  # closing the channel removes its socket
 
 
 # ----------------------------------------------------------------------------------------------

@@ -107,16 +107,33 @@ def test_additional_config_reorders_and_reports(plugin_llm):
     assert first.cached_tokens < second.cached_tokens
 
 
-def test_conversation_dedup_replaces_repeated_blocks(plugin_llm):
+def test_conversation_dedup_points_only_at_copies_in_the_prompt(plugin_llm):
+    """A block is replaced only where the messages served still hold its text (here: a tool output)."""
     from contextpilot_engine import vllm_plugin
+    from contextpilot_engine.integration.reports import REPORT_KEYS
 
-    turn1 = chat(plugin_llm, with_field(DOCS[:3], "turn one?", conversation_id="conv-1"))
-    turn2 = chat(plugin_llm, with_field(DOCS[1:4], "turn two?", conversation_id="conv-1"))
+    tok = plugin_llm.get_tokenizer()
+    turn1 = with_field(DOCS[:3], "turn one?", conversation_id="conv-1")
+    first = prompt_ids(plugin_llm, turn1)
+    assert all(d in tok.decode(first) for d in DOCS[:3])
+    # Turn two resends nothing of turn one: every block again, in full.
+    second = prompt_ids(plugin_llm, with_field(DOCS[1:4], "turn two?", conversation_id="conv-1"))
     report = vllm_plugin.reports(plugin_llm)[-1]
-    assert report["conversation_id"] == "conv-1" and report["turn"] == 2
+    assert report["turn"] == 2 and report["blocks_deduplicated"] == 0
+    assert all(d in tok.decode(second) for d in DOCS[1:4])
+    # Turn three carries a tool output holding DOCS[4] and DOCS[5]: those become hints to it.
+    history = [
+        {"role": "user", "content": "run the tool"},
+        {"role": "assistant", "content": "running"},
+        {"role": "tool", "content": "result:\n" + DOCS[4] + "\n" + DOCS[5]},
+        {"role": "user", "content": "turn three?", "contextpilot": {"contexts": DOCS[3:6], "conversation_id": "conv-1"}},
+    ]
+    third = tok.decode(prompt_ids(plugin_llm, history))
+    report = vllm_plugin.reports(plugin_llm)[-1]
     assert report["blocks_deduplicated"] == 2 and report["tokens_saved_by_dedup"] > 0
-    # Two of three blocks became short hints: the second prompt is much shorter.
-    assert turn2.prompt_tokens < turn1.prompt_tokens - 100
+    assert set(report) == set(REPORT_KEYS) and report["order"] == [0]
+    assert "message 4 (tool)" in third  # the served prompt is [system, user, assistant, tool, user]
+    assert all(third.count(d) == 1 for d in DOCS[3:6])  # every document once: no text hidden, none twice
 
 
 def test_request_can_opt_out(plugin_llm):
@@ -146,7 +163,7 @@ def test_request_side_failure_serves_the_request_unmodified(plugin_llm, monkeypa
     messages = [{"role": "system", "content": "".join(f"<document>{d}</document>" for d in DOCS[:3])},
                 {"role": "user", "content": "q"}]
     unmodified = prompt_ids(plugin_llm, [dict(messages[0], contextpilot={"enabled": False}), messages[1]])
-    before = failure_counts().get("request rewrite", 0)
+    before = failure_counts().get("rewrite_error", 0)
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
@@ -154,7 +171,7 @@ def test_request_side_failure_serves_the_request_unmodified(plugin_llm, monkeypa
     monkeypatch.setattr(pilot_module, "serve_request", broken)
     served = prompt_ids(plugin_llm, messages)
     assert served == unmodified
-    assert failure_counts()["request rewrite"] == before + 1
+    assert failure_counts()["rewrite_error"] == before + 1
     assert vllm_plugin.reports(plugin_llm)[-1]["applied"] is False
     # Explicit contexts exist only in the field: failing open keeps them, in the order given.
     explicit = prompt_ids(plugin_llm, with_field([DOCS[2], DOCS[0]], "q"))
@@ -186,9 +203,9 @@ def test_rewritten_prompt_rejected_by_vllm_is_retried_as_sent(plugin_llm, monkey
     assert len(unmodified) < 4096
     # A long fixed instruction pushes the rewritten prompt over max_model_len (4096).
     monkeypatch.setattr(state.pilot, "layout", PromptLayout("Be careful. " * 400))
-    before = failure_counts().get("request render (rewritten prompt)", 0)
+    before = failure_counts().get("rewrite_rejected", 0)
     assert prompt_ids(plugin_llm, messages) == unmodified
-    assert failure_counts()["request render (rewritten prompt)"] == before + 1
+    assert failure_counts()["rewrite_rejected"] == before + 1
 
 
 # Keep last in this module: it switches this engine's mirror off.
@@ -210,7 +227,7 @@ def test_engine_side_failure_keeps_the_engine_serving(plugin_llm, monkeypatch):
     cold, warm = prefill(plugin_llm, [prompt, prompt])
     assert (cold, warm) == (0, 6 * BLOCK)  # vLLM's own caching is unaffected
     assert not state.mirror.enabled and state.index.cached_pages() == {}
-    assert failure_counts().get("engine mirror (insert)", 0) >= 1
+    assert failure_counts().get("mirror_error", 0) >= 1
     # Requests are still rewritten (popularity order only) and served.
     result = chat(plugin_llm, with_field(DOCS[:2], "still serving?"))
     assert result.prompt_tokens > 2 * 50

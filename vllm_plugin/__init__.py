@@ -50,7 +50,7 @@ def register() -> None:
 
             install_engine_hooks()
     except Exception as exc:  # a plugin must never stop vLLM from starting
-        report_failure("plugin registration", exc)
+        report_failure("registration_error", exc)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -116,7 +116,7 @@ def _guard(pool: Any, what: str, func: Callable[[PageMirror], None]) -> None:
     try:
         func(mirror)
     except Exception as exc:  # fail open: the pool already did its work
-        report_failure(f"engine mirror ({what})", exc, "the mirror is switched off for this engine")
+        report_failure("mirror_error", exc, f"{what}; the mirror is switched off for this engine")
         mirror.disable(exc)
 
 

@@ -15,6 +15,8 @@ After vLLM's own ``__init__`` returns, for an engine with the plugin on:
 3. with ``cache_aware_scheduling``, the waiting queue is replaced
    (:mod:`.scheduling`).
 
+A second hook wraps ``Scheduler.shutdown`` (which the engine core calls on
+exit, SIGTERM included) to stop the channel and remove its socket file.
 Subclasses of ``Scheduler`` (``AsyncScheduler``, a user's ``--scheduler-cls``
 subclass) call this ``__init__`` too.  Everything runs fail-open: a failure
 leaves the scheduler exactly as vLLM built it.
@@ -24,13 +26,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from contextpilot_engine.integration.channel import shown
 from contextpilot_engine.integration.failopen import call_safely, logger, once, patch_method
 from contextpilot_engine.integration.mirror import PageMirror
 from contextpilot_engine.integration.state import find_state, socket_path
 
 from .config import engine_key, options_from_vllm_config, state_for_config
 
-__all__ = ["install_engine_hooks", "attach_to_scheduler"]
+__all__ = ["install_engine_hooks", "attach_to_scheduler", "detach_from_scheduler"]
+
+#: attribute of a Scheduler holding the plugin state it was attached to
+_STATE_ATTR = "_contextpilot_state"
 
 
 @once
@@ -45,7 +51,7 @@ def install_engine_hooks() -> bool:
     def make(orig):
         def __init__(self, vllm_config, *args, **kwargs):
             orig(self, vllm_config, *args, **kwargs)
-            call_safely("engine attach", attach_to_scheduler, self, vllm_config)
+            call_safely("attach_error", attach_to_scheduler, self, vllm_config)
 
         return __init__
 
@@ -56,7 +62,26 @@ def install_engine_hooks() -> bool:
         ["self", "vllm_config", "kv_cache_config", "structured_output_manager", "block_size"],
         prefix_only=True,
     )
+
+    def make_shutdown(orig):
+        def shutdown(self, *args, **kwargs):
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                call_safely("attach_error", detach_from_scheduler, self)
+
+        return shutdown
+
+    patch_method(Scheduler, "shutdown", make_shutdown, ["self"], prefix_only=True)
     return pool_ok and sched_ok
+
+
+def detach_from_scheduler(scheduler: Any) -> None:
+    """The engine core shuts down (also on SIGTERM): stop publishing and remove the channel's socket file."""
+    state = scheduler.__dict__.pop(_STATE_ATTR, None)
+    if state is not None and state.server is not None:
+        state.server.close()
+        state.server = None
 
 
 def attach_to_scheduler(scheduler: Any, vllm_config: Any) -> None:
@@ -92,6 +117,7 @@ def attach_to_scheduler(scheduler: Any, vllm_config: Any) -> None:
         mirror = PageMirror(state.index, page)
         state.mirror = mirror
         pool.__dict__[ATTR] = mirror
+        scheduler.__dict__[_STATE_ATTR] = state
         if not local and options.channel == "auto":
             if rank == 0:
                 from contextpilot_engine.integration.channel import ChannelServer
@@ -107,7 +133,7 @@ def attach_to_scheduler(scheduler: Any, vllm_config: Any) -> None:
             key,
             page,
             "shared in-process index" if local else (
-                "published on " + state.server.path if state.server is not None else "not published"
+                "published on " + shown(state.server.path) if state.server is not None else "not published"
             ),
         )
     if options.cache_aware_scheduling:

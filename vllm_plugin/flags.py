@@ -11,7 +11,9 @@ wrapping three ``EngineArgs`` methods here is enough for:
 * ``from_cli_args`` (class method): the flags become
   ``additional_config["contextpilot"]``, merged over any such entry given
   with ``--additional-config``.  So the server and
-  ``LLM(additional_config={"contextpilot": {...}})`` take the same path;
+  ``LLM(additional_config={"contextpilot": {...}})`` take the same path.
+  A bad flag value is rejected by argparse itself, a flag without the
+  switch here, each as one line naming the flag;
 * ``create_engine_config``: the options are validated (an unknown option is a
   ``ValueError`` naming it), and for an engine with the plugin on the
   runtime hooks are installed in this process and the environment variable
@@ -26,10 +28,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from contextpilot_engine.integration.failopen import logger, once, patch_method, report_failure
-from contextpilot_engine.integration.options import CONFIG_KEY, PluginOptions, add_flags, options_from_namespace
+from contextpilot_engine.integration.options import (
+    CONFIG_KEY,
+    OptionError,
+    PluginOptions,
+    add_flags,
+    options_from_namespace,
+)
 
 from .config import WHERE, options_from_vllm_config, state_for_config
 
@@ -84,7 +93,11 @@ def install_flag_hooks() -> None:
     def make_from(orig):
         def from_cli_args(cls, args):
             engine_args = orig(cls, args)
-            _apply_flags(engine_args, args)  # a wrong flag is the user's error: let it raise
+            try:
+                _apply_flags(engine_args, args)
+            except OptionError as exc:  # the user's command line: one line, as argparse reports errors
+                print(f"error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
             return engine_args
 
         return from_cli_args
@@ -98,7 +111,7 @@ def install_flag_hooks() -> None:
             try:
                 activate(config)
             except Exception as exc:  # fail open: vLLM serves without the plugin
-                report_failure("plugin activation", exc)
+                report_failure("activation_error", exc)
             return config
 
         return create_engine_config

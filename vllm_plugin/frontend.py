@@ -80,7 +80,7 @@ class _Render:
 
 def _prepare(renderer: Any, conversations: Any, tok_params: Any) -> _Render | None:
     """Plan every conversation; None means "call vLLM unchanged"."""
-    state = call_safely("request setup", state_for_renderer, renderer)
+    state = call_safely("setup_error", state_for_renderer, renderer)
     if state is None:
         return None
     online = _online.get()
@@ -97,7 +97,7 @@ def _prepare(renderer: Any, conversations: Any, tok_params: Any) -> _Render | No
     if prepared.wants_offsets:
         params = tok_params if tok_params is not None else renderer.default_chat_tok_params
         can = getattr(renderer, "_can_produce_offsets", None)
-        if not params.return_token_offsets and can is not None and call_safely("offsets probe", can, default=False):
+        if not params.return_token_offsets and can is not None and call_safely("setup_error", can, default=False):
             tok_params = dataclasses.replace(params, return_token_offsets=True)
             added = True
     return _Render(prepared, tok_params, added)
@@ -114,7 +114,7 @@ def _retokenizer(renderer: Any):
 def _finish(renderer: Any, render: _Render, eng_prompts: list) -> None:
     online = _online.get()
     lora = online.lora_name if online is not None else None
-    served = []
+    served: list[rewriting.ServedTokens | None] = []
     for eng in eng_prompts:
         if not isinstance(eng, dict):
             served.append(None)
@@ -126,18 +126,18 @@ def _finish(renderer: Any, render: _Render, eng_prompts: list) -> None:
             )
         )
     rewriting.finish(render.prepared, served, _retokenizer(renderer), online.reports if online is not None else None)
+    for eng, tokens in zip(eng_prompts, served):
+        if tokens is not None and tokens.cache_salt != eng.get("cache_salt"):
+            eng["cache_salt"] = tokens.cache_salt  # the engine core hashes the request's blocks with it
 
 
-def _unmodified(render: _Render, conversations: Any, exc: BaseException) -> list:
-    """vLLM rejected the rewritten prompt: log it and return the conversations to retry with."""
+def _as_sent(render: _Render, conversations: Any) -> list:
+    return rewriting.as_sent(conversations, render.prepared.spec, render.prepared.state.options.pilot.instruction)
+
+
+def _rejected(render: _Render, exc: BaseException) -> None:
     online = _online.get()
-    return rewriting.rejected(
-        render.prepared,
-        conversations,
-        online.spec if online is not None else None,
-        exc,
-        online.reports if online is not None else None,
-    )
+    rewriting.rejected(render.prepared, exc, online.reports if online is not None else None)
 
 
 def _wrap_render_chat(orig):
@@ -146,13 +146,17 @@ def _wrap_render_chat(orig):
         if render is None:
             return orig(self, conversations, chat_params, tok_params, **kwargs)
         try:
-            out_convs, eng_prompts = orig(
-                self, render.prepared.conversations, chat_params, render.tok_params, **kwargs
-            )
-        except Exception as exc:  # a second failure (e.g. too long even as sent) is vLLM's to report
-            return orig(self, _unmodified(render, conversations, exc), chat_params, tok_params, **kwargs)
-        call_safely("request finish", _finish, self, render, eng_prompts)
-        return out_convs, eng_prompts
+            result = orig(self, render.prepared.conversations, chat_params, render.tok_params, **kwargs)
+        except ContextPilotRequestError:
+            raise
+        except Exception as exc:
+            # The request as sent, with vLLM's own checks: if it fails too, the error is the
+            # client's (e.g. a prompt over the model length) and reaches the client unchanged.
+            result = orig(self, _as_sent(render, conversations), chat_params, tok_params, **kwargs)
+            _rejected(render, exc)
+            render.added_offsets = False
+        call_safely("bind_error", _finish, self, render, result[1])
+        return result
 
     return render_chat
 
@@ -163,13 +167,15 @@ def _wrap_render_chat_async(orig):
         if render is None:
             return await orig(self, conversations, chat_params, tok_params, **kwargs)
         try:
-            out_convs, eng_prompts = await orig(
-                self, render.prepared.conversations, chat_params, render.tok_params, **kwargs
-            )
-        except Exception as exc:  # a second failure (e.g. too long even as sent) is vLLM's to report
-            return await orig(self, _unmodified(render, conversations, exc), chat_params, tok_params, **kwargs)
-        call_safely("request finish", _finish, self, render, eng_prompts)
-        return out_convs, eng_prompts
+            result = await orig(self, render.prepared.conversations, chat_params, render.tok_params, **kwargs)
+        except ContextPilotRequestError:
+            raise
+        except Exception as exc:  # see render_chat
+            result = await orig(self, _as_sent(render, conversations), chat_params, tok_params, **kwargs)
+            _rejected(render, exc)
+            render.added_offsets = False
+        call_safely("bind_error", _finish, self, render, result[1])
+        return result
 
     return render_chat_async
 
@@ -210,7 +216,7 @@ async def _with_report_in_first_chunk(gen, payload: dict):
 def _wrap_create_chat_completion(orig):
     async def create_chat_completion(self, request, raw_request=None):
         renderer = getattr(self, "renderer", None)
-        state = call_safely("request setup", state_for_renderer, renderer) if renderer is not None else None
+        state = call_safely("setup_error", state_for_renderer, renderer) if renderer is not None else None
         if state is None:
             return await orig(self, request, raw_request)
         try:
@@ -220,7 +226,7 @@ def _wrap_create_chat_completion(orig):
         except ContextPilotRequestError as exc:
             return self.create_error_response(str(exc), param="contextpilot")
         except Exception as exc:  # fail open: serve it as sent
-            report_failure("request setup", exc)
+            report_failure("setup_error", exc)
             return await orig(self, request, raw_request)
         online = OnlineRequest(spec, _lora_name(self, request))
         token = _online.set(online)
@@ -239,7 +245,7 @@ def _wrap_create_chat_completion(orig):
             if hasattr(result, "choices") and hasattr(result, "usage"):
                 setattr(result, "contextpilot", payload)
         except Exception as exc:  # the answer matters more than the report
-            report_failure("response report", exc)
+            report_failure("report_error", exc)
         return result
 
     return create_chat_completion

@@ -88,7 +88,7 @@ def make_cache_aware_queue(pool: Any, window: int, max_overtakes: int, group_id:
                 try:
                     peeked = self[self._choose()]
                 except Exception as exc:  # fail open: FCFS
-                    report_failure("cache-aware scheduling", exc)
+                    report_failure("scheduling_error", exc)
                     peeked = self[0]
                 self._peeked = peeked
             return peeked

@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from typing import Any, Iterable, Sequence
@@ -60,13 +62,13 @@ class OpenAIServer:
     """A vLLM OpenAI server subprocess on 127.0.0.1 (use as a context manager)."""
 
     def __init__(self, model: str, extra_args: Sequence[str] = (), env: dict | None = None,
-                 log_path: str | None = None, startup_timeout: float = 300.0):
+                 startup_timeout: float = 300.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = model = os.fspath(model)
-        self.log_path = log_path or os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"contextpilot-server-{self.port}.log"
-        )
+        #: the server's own TMPDIR (its sockets, our channel's socket) and log, removed on exit
+        self.tmpdir = tempfile.mkdtemp(prefix="cp-server-")
+        self.log_path = os.path.join(self.tmpdir, "server.log")
         self.cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", model, "--served-model-name", "tiny",
@@ -75,7 +77,7 @@ class OpenAIServer:
             "--enable-prefix-caching", "--enable-prompt-tokens-details", "--block-size", "32",
             "--seed", "0", *extra_args,
         ]
-        self.env = dict(os.environ, **(env or {}))
+        self.env = dict(os.environ, **(env or {}), TMPDIR=self.tmpdir)
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.startup_seconds = 0.0
@@ -98,7 +100,8 @@ class OpenAIServer:
         self.startup_seconds = time.monotonic() - start
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def stop(self) -> None:
+        """SIGTERM, as an orchestrator stops a server, then wait for it to exit (idempotent)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -106,7 +109,16 @@ class OpenAIServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
+
+    def leftovers(self) -> list[str]:
+        """Files the stopped server left in its TMPDIR (other than its log)."""
+        return sorted(n for n in os.listdir(self.tmpdir) if n != "server.log")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -27,9 +27,12 @@ Design points:
   after the pending events went to the older subscribers, so no event is
   missed or applied twice.  A request side that (re)connects at any time
   therefore converges exactly.
-* **No pickle.**  Frames are fixed binary records (``struct``), so a stranger
-  able to reach the socket can at worst feed wrong keys, never run code; the
-  socket file is created ``0600`` in the temporary directory anyway.
+* **No file, no stranger.**  The socket lives in Linux's abstract namespace
+  (:func:`.state.socket_path`), so no file is ever left behind, however the
+  engine's processes end (vLLM kills its engine core on shutdown).  Both ends
+  check with ``SO_PEERCRED`` that the other runs as the same user, and frames
+  are fixed binary records (``struct``, no pickle): a stranger can neither
+  connect nor make either side run code.
 * **Lag is measured.**  Each frame carries the monotonic time of its oldest
   event; the subscriber records ``now - that`` when it has applied the frame
   (``CLOCK_MONOTONIC`` is shared by all processes of a Linux host).
@@ -50,6 +53,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from . import metrics
 from .failopen import logger, report_failure
 
 if TYPE_CHECKING:
@@ -88,6 +92,23 @@ def encode_events(oldest_ns: int, events: list[tuple[int, int]]) -> bytes:
         bytes((op,)) + _key_bytes(key) for op, key in events
     )
     return _HEADER.pack(len(payload), EVENTS) + payload
+
+
+def is_abstract(path: str) -> bool:
+    """Linux abstract-namespace socket names start with a NUL byte and have no file."""
+    return path.startswith("\0")
+
+
+def shown(path: str) -> str:
+    """A socket name for logs (abstract names shown with a leading ``@``, as ``ss`` does)."""
+    return "@" + path[1:] if is_abstract(path) else path
+
+
+def same_user(sock: socket.socket) -> bool:
+    """Whether the process at the other end of a Unix socket runs as this process's user (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid == os.getuid()
 
 
 class MirrorSource(Protocol):
@@ -199,20 +220,23 @@ class ChannelServer:
 
     # ---------------------------------------------------------- lifecycle
     def start(self) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)  # a stale socket of a crashed engine with the same identity
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
+        if is_abstract(self.path):
             listener.bind(self.path)
-        finally:
-            os.umask(old_umask)
+        else:
+            if os.path.exists(self.path):
+                os.unlink(self.path)  # a stale socket of a crashed engine with the same identity
+            old_umask = os.umask(0o177)
+            try:
+                listener.bind(self.path)
+            finally:
+                os.umask(old_umask)
         listener.listen(16)
         self._listener = listener
         atexit.register(self.close)
         threading.Thread(target=self._accept_loop, name="contextpilot-channel-accept", daemon=True).start()
         threading.Thread(target=self._send_loop, name="contextpilot-channel-send", daemon=True).start()
-        logger.info("contextpilot: publishing the cache mirror on %s", self.path)
+        logger.info("contextpilot: publishing the cache mirror on %s", shown(self.path))
 
     def close(self) -> None:
         if self._closed:
@@ -224,10 +248,11 @@ class ChannelServer:
                 self._listener.close()
             except OSError:
                 pass
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        if not is_abstract(self.path):
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------ threads
     def _accept_loop(self) -> None:
@@ -236,6 +261,10 @@ class ChannelServer:
                 conn, _ = self._listener.accept()  # type: ignore[union-attr]
             except OSError:
                 return
+            if not same_user(conn):
+                logger.warning("contextpilot: refused a channel connection from another user")
+                conn.close()
+                continue
             sub = _Subscriber(conn)
             # Pending events go to the older subscribers only: the snapshot already holds them.
             with self.mirror.lock:
@@ -252,7 +281,7 @@ class ChannelServer:
             try:
                 self._service()
             except Exception as exc:  # never let the channel take the engine down
-                report_failure("channel send", exc)
+                report_failure("channel_error", exc)
 
     def _service(self) -> None:
         now = time.monotonic()
@@ -323,11 +352,13 @@ class ChannelSubscriber:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(self.path)
+                if not same_user(sock):
+                    raise PermissionError("the channel's socket belongs to another user")
             except OSError:
                 sock.close()
                 gone_for = time.monotonic() - waited_since
-                if (ever_connected and not os.path.exists(self.path)) or gone_for > self.CONNECT_PATIENCE_S:
-                    return  # the engine core is gone (or never came); nothing more to mirror
+                if ever_connected or gone_for > self.CONNECT_PATIENCE_S:
+                    return  # the engine's cache side is gone (or never came); nothing more to mirror
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
@@ -338,7 +369,7 @@ class ChannelSubscriber:
                 self._serve(sock)
             except Exception as exc:  # a broken stream: forget what it said, reconnect
                 if not self._closed:
-                    report_failure("channel receive", exc)
+                    report_failure("channel_error", exc)
             finally:
                 self.connected.clear()
                 self._sock = None
@@ -392,6 +423,7 @@ class ChannelSubscriber:
             off += _KEY_BYTES + 4
         index.pages_cleared()
         index.pages_stored(keys)
+        metrics.count_mirror_events(stored=len(keys), cleared=1)
         self.hellos += 1
         self.connected.set()
 
@@ -408,6 +440,7 @@ class ChannelSubscriber:
             elif run_op == REMOVED:
                 index.pages_removed(run)
 
+        cleared = 0
         for _ in range(n):
             op = payload[off]
             key = int.from_bytes(payload[off + 1 : off + 1 + _KEY_BYTES], "little")
@@ -415,6 +448,7 @@ class ChannelSubscriber:
             if op != STORED:
                 removals += 1
             if op == CLEARED:
+                cleared += 1
                 flush()
                 run_op, run = 0, []
                 index.pages_cleared()
@@ -425,4 +459,7 @@ class ChannelSubscriber:
             run.append(key)
         flush()
         self.frames += 1
-        self.lag.add((time.monotonic_ns() - oldest) / 1e9, n, removals)
+        lag = (time.monotonic_ns() - oldest) / 1e9
+        self.lag.add(lag, n, removals)
+        metrics.count_mirror_events(stored=n - removals, removed=removals - cleared, cleared=cleared)
+        metrics.observe_lag(lag)

@@ -16,7 +16,12 @@ the system message becomes *caller's system text, fixed instruction,
 dedup hints, importance ranking*; the other messages are kept as they are.
 Implicit documents are lifted out of the system text into the same layout,
 so explicit and implicit requests with the same documents share a prefix.
-Nothing here knows an engine: the adapters hand in plain chat messages.
+
+Deduplication (with a conversation id) only ever points at the other
+messages of the same request: a block is replaced by a hint only where its
+text is present there, for example a tool output that the client resent with
+the conversation's history.  Nothing here knows an engine: the adapters hand
+in plain chat messages.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from contextpilot_engine.blocks import Block
-from contextpilot_engine.prompts import Preamble
+from contextpilot_engine.prompt_copies import PromptCopies
+from contextpilot_engine.prompts import Preamble, as_given_system
 
+from .reports import make_report
 from .requests import ContextPilotRequestError, RequestSpec, parse_spec
 
 if TYPE_CHECKING:
@@ -109,6 +116,8 @@ def plan_conversation(
     the caller turns into a fail-open.
     """
     clean, found = strip_message_specs(messages)
+    if not clean:
+        return None  # nothing to serve: the engine answers the request as it would without us
     if spec is None and found:
         if len(found) > 1:
             raise ContextPilotRequestError(
@@ -118,25 +127,27 @@ def plan_conversation(
         i, value = found[0]
         spec = parse_spec(value, f"messages[{i}].contextpilot", pilot.config.max_blocks_per_context)
     if spec is not None and not spec.enabled:
-        return Plan(clean, {"applied": False, "reason": "disabled by the request"}) if found else None
+        as_given = fallback_conversation(clean, spec, pilot.config.instruction)
+        report = make_report(reason="disabled_by_request", tenant=spec.tenant, conversation_id=spec.conversation_id)
+        return Plan(as_given, report, tenant=spec.tenant or "")
 
-    first = clean[0] if clean and isinstance(clean[0], dict) else None
+    first = clean[0] if isinstance(clean[0], dict) else None
     has_system = first is not None and first.get("role") == "system"
     system_text = text_of(first.get("content")) if has_system else None
-    source = None
     if spec is not None and spec.contexts is not None:
         if has_system and system_text is None:
-            return Plan(clean, {"applied": False, "reason": "the system message is not plain text"})
+            return Plan(fallback_conversation(clean, spec, pilot.config.instruction),
+                        make_report(reason="system_not_text", source="explicit"))
         docs, instruction, source = spec.contexts, system_text, "explicit"
         where = f"{spec.where}.contexts"
     elif implicit_documents and system_text:
         found_docs = _implicit_blocks(system_text)
         if found_docs is None:
-            return Plan(clean, {}) if found else None
+            return _untouched(clean, found, spec)
         docs, instruction = found_docs
         source, where = "implicit", "system message <document> elements"
     else:
-        return Plan(clean, {}) if found else None
+        return _untouched(clean, found, spec)
 
     rest = clean[1:] if has_system else clean
     query = ""
@@ -149,7 +160,7 @@ def plan_conversation(
         blocks = pilot.parse_docs(docs, where)
     except (TypeError, ValueError) as exc:
         if source == "implicit":
-            return Plan(clean, {}) if found else None
+            return _untouched(clean, found, spec)
         raise ContextPilotRequestError(str(exc)) from None
 
     cid = spec.conversation_id if spec else None
@@ -159,18 +170,23 @@ def plan_conversation(
         conversation_id=cid,
         system_instruction=instruction or None,
         tenant=spec.tenant if spec else None,
+        # the served prompt is [system, *rest]: message numbers start at 2
+        copies=PromptCopies.from_messages(rest, first_number=2) if cid else None,
     )
     system = served.messages[0]
-    report = {
-        "applied": True,
-        "source": source,
-        "tenant": served.tenant,
-        "conversation_id": cid,
-        "turn": served.turn,
+    new_messages = [dict(system)] + list(rest)
+    report = make_report(
+        applied=True,
+        source=source,
+        tenant=served.tenant,
+        conversation_id=cid,
+        turn=served.turn,
         **served.report,
-    }
+    )
+    if spec is not None and spec.debug:
+        report["prompt_messages"] = new_messages
     return Plan(
-        [dict(system)] + list(rest),
+        new_messages,
         report,
         tenant=served.tenant,
         preamble=served.preamble,
@@ -179,27 +195,32 @@ def plan_conversation(
     )
 
 
-def fallback_conversation(messages: Sequence[Any], spec: RequestSpec | None) -> list:
-    """The conversation as the client meant it, without any of the plugin's processing.
+def _untouched(clean: list, found: list, spec: RequestSpec | None) -> Plan | None:
+    """No blocks to rewrite: a plan only to drop the message field (and keep its tenant), else None."""
+    if not found:
+        return None
+    return Plan(clean, {}, tenant=(spec.tenant if spec is not None else None) or "")
 
-    Used when our own code failed.  Implicit documents are already in the
-    messages, so those are returned as sent (minus ``contextpilot`` keys).
-    Explicit contexts exist only in the ``contextpilot`` field, so dropping
-    them would silently lose the client's documents: they are placed, in the
-    order given and without reordering, dedup or notes, as ``<document>``
-    elements at the end of the system message (one is added if needed).
+
+def fallback_conversation(messages: Sequence[Any], spec: RequestSpec | None, instruction: str) -> list:
+    """The conversation as the client meant it, without reordering, deduplication or notes.
+
+    Used when the request opted out and when our own code failed.  Implicit
+    documents are already in the messages, so those are returned as sent
+    (minus ``contextpilot`` keys).  Explicit contexts exist only in the
+    ``contextpilot`` field, so dropping them would silently lose the client's
+    documents: they are placed, in the order given, in the documented layout
+    (:func:`contextpilot_engine.prompts.as_given_system`) as the system
+    message, after the client's own system text.
     """
     clean, found = strip_message_specs(messages)
     contexts = spec.contexts if spec is not None else None
     if contexts is None and len(found) == 1 and isinstance(found[0][1], dict):
         contexts = found[0][1].get("contexts")
-        if found[0][1].get("enabled") is False:
-            contexts = None
     if not isinstance(contexts, list) or not contexts:
         return clean
     texts = [c if isinstance(c, str) else c.get("text", "") if isinstance(c, dict) else str(c) for c in contexts]
-    docs = "".join(f"<document>{t}</document>\n" for t in texts)
     first = clean[0] if clean and isinstance(clean[0], dict) else None
     if first is not None and first.get("role") == "system" and isinstance(first.get("content"), str):
-        return [dict(first, content=first["content"] + "\n\n" + docs)] + clean[1:]
-    return [{"role": "system", "content": docs}] + clean
+        return [dict(first, content=as_given_system(instruction, first["content"] or None, texts))] + clean[1:]
+    return [{"role": "system", "content": as_given_system(instruction, None, texts)}] + clean

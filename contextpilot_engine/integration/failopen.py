@@ -2,12 +2,17 @@
 
 Every adapter runs inside somebody else's inference server.  Whatever goes
 wrong in *our* code, the request is served as if contextpilot were absent and
-the engine keeps running.  Two tools make that safe:
+the engine keeps running.  Three tools make that safe and visible:
 
-* :func:`report_failure` logs an exception with its traceback the first time
-  a *kind* of failure happens (later ones are only counted, so a bug hit on
-  every request cannot flood the log); :func:`failure_counts` exposes the
-  counters for tests and monitoring.
+* :func:`report_failure` records one failure under a short *reason code*
+  (``rewrite_error``, ``mirror_error``, ...).  Every failure is counted (see
+  :func:`failure_counts` and the ``contextpilot:failures`` metric) and logged
+  as one line naming the reason; lines of one reason are rate limited, and a
+  line that follows suppressed ones says how many it stands for, so a bug hit
+  on every request neither floods the log nor disappears from it.  The
+  traceback goes to the DEBUG level.
+* Client errors are not failures: adapters pass them through as the engine's
+  own errors and never call :func:`report_failure` for them.
 * :func:`patch_method` replaces an engine method only after checking that its
   signature is the one the wrapper was written against; an engine release that
   changed it gets a warning and keeps its original method.  :func:`once` makes
@@ -20,6 +25,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections import Counter
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -35,7 +41,11 @@ __all__ = [
     "is_patched",
     "original",
     "once",
+    "LOG_INTERVAL_S",
 ]
+
+#: at most one log line per failure reason in this many seconds
+LOG_INTERVAL_S = 10.0
 
 
 class _Logger:
@@ -62,24 +72,38 @@ def use_logger(name: str) -> None:
 
 _lock = threading.Lock()
 _counts: Counter = Counter()
+#: reason -> (monotonic time of the last line logged, failures suppressed since)
+_last_logged: dict[str, tuple[float, int]] = {}
 
 
-def report_failure(kind: str, exc: BaseException, detail: str = "") -> None:
-    """Record a failure of our code; the first of each kind is logged with its traceback."""
+def report_failure(reason: str, exc: BaseException, detail: str = "") -> None:
+    """Count a failure of our code under ``reason`` and log it (rate limited per reason)."""
+    now = time.monotonic()
     with _lock:
-        _counts[kind] += 1
-        first = _counts[kind] == 1
-    if first:
-        logger.error(
-            "contextpilot: %s failed (%s: %s)%s; continuing without contextpilot for this %s. "
-            "Further failures of this kind are counted, not logged.",
-            kind,
-            type(exc).__name__,
-            exc,
-            f" [{detail}]" if detail else "",
-            "request" if kind.startswith("request") else "operation",
-            exc_info=exc,
-        )
+        _counts[reason] += 1
+        last, suppressed = _last_logged.get(reason, (-LOG_INTERVAL_S, 0))
+        log_now = now - last >= LOG_INTERVAL_S
+        _last_logged[reason] = (now, 0) if log_now else (last, suppressed + 1)
+    from . import metrics
+
+    metrics.count_failure(reason)
+    if not log_now:
+        return
+    more = f" ({suppressed} more since the last line)" if suppressed else ""
+    logger.warning(
+        "contextpilot: %s: %s: %s%s; served without contextpilot%s",
+        reason,
+        type(exc).__name__,
+        _one_line(str(exc)),
+        f" [{detail}]" if detail else "",
+        more,
+    )
+    logger.debug("contextpilot: %s traceback", reason, exc_info=exc)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def failure_counts() -> dict[str, int]:
@@ -90,6 +114,7 @@ def failure_counts() -> dict[str, int]:
 def reset_failure_counts() -> None:
     with _lock:
         _counts.clear()
+        _last_logged.clear()
 
 
 def call_safely(reason: str, func: Callable[..., Any], *args: Any, default: Any = None, **kwargs: Any) -> Any:

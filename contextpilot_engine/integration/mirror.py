@@ -30,6 +30,7 @@ from typing import Any, Hashable, Protocol, Sequence
 
 from contextpilot_engine.index import ContextIndex
 
+from . import metrics
 from .channel import CLEARED, REMOVED, STORED
 from .engine_keys import EngineKeyMap
 from .failopen import logger, report_failure
@@ -95,7 +96,7 @@ class PageMirror:
             try:
                 publisher.flush()
             except Exception as exc:  # the channel is best effort; the engine goes on
-                report_failure("channel flush", exc)
+                report_failure("channel_error", exc)
 
     def known(self, engine_hash: Hashable) -> int | None:
         """The canonical key of a hash cached now or removed earlier in this scope."""
@@ -123,7 +124,7 @@ class PageMirror:
             self.index.pages_stored((canonical,))
             if self.publisher is not None:
                 self.publisher.sink(STORED, canonical)
-        self._count(start)
+        self._count(start, stored=1)
 
     def stored_chain(
         self,
@@ -143,7 +144,7 @@ class PageMirror:
             if self.publisher is not None:
                 for key in keys:
                     self.publisher.sink(STORED, key)
-        self._count(start)
+        self._count(start, stored=len(keys))
 
     def removed(self, engine_hashes: Sequence[Hashable]) -> None:
         """One cached copy fewer of each page (hashes the mirror never saw are ignored)."""
@@ -162,7 +163,7 @@ class PageMirror:
                 if self.publisher is not None:
                     for canonical in removed:
                         self.publisher.sink(REMOVED, canonical)
-        self._count(start)
+        self._count(start, removed=len(removed))
 
     def cleared(self) -> None:
         with self.lock:
@@ -171,12 +172,16 @@ class PageMirror:
             self.index.pages_cleared()
             if self.publisher is not None:
                 self.publisher.sink(CLEARED, 0)
+        if self.publisher is None:
+            metrics.count_mirror_events(cleared=1)
         if not self._scopes:
             self._flush()
 
-    def _count(self, start: float) -> None:
+    def _count(self, start: float, stored: int = 0, removed: int = 0) -> None:
         self.updates += 1
         self.update_seconds += time.perf_counter() - start
+        if self.publisher is None:  # the index updated is the request side's (a published one is counted there)
+            metrics.count_mirror_events(stored=stored, removed=removed)
         if not self._scopes:  # a change outside any scope: publish it now
             self._flush()
 

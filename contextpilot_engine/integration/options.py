@@ -5,14 +5,15 @@ plus ``--contextpilot-<option> VALUE`` flags, or with a dict in the engine's
 Python configuration (vLLM: ``additional_config={"contextpilot": {...}}``).
 Both end in :meth:`PluginOptions.from_dict`, the one place options are
 parsed: it takes the integration's own keys (scheduling, implicit documents,
-...) and hands every other key to
+tenant isolation, ...) and hands every other key to
 :meth:`contextpilot_engine.config.PilotConfig.from_dict`, so core options
 (``capacity_tokens``, ``hint_template``, ...) mean exactly what they mean in
 the library.  An unknown key is an error that names it and lists every known
 key, whichever way it was passed.
 
 :func:`add_flags` puts the flags into any ``argparse`` parser (vLLM's and
-SGLang's server parsers are argparse parsers).
+SGLang's server parsers are argparse parsers); a bad value is rejected by
+argparse itself, as one line naming the flag.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class PluginOptions:
     report: bool = True
     #: mirror the engine's cache into a request side in another process ("auto") or not ("off")
     channel: str = "auto"
+    #: give every named tenant its own KV-cache namespace (the engine's cache salt), so tenants never share pages
+    tenant_isolation: bool = True
     #: order the waiting queue so requests with a cached prefix go first (engine side)
     cache_aware_scheduling: bool = False
     #: aging bound: a waiting request is overtaken at most this many times, then it goes next
@@ -66,7 +69,7 @@ class PluginOptions:
     pilot: PilotConfig = field(default_factory=PilotConfig)
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "implicit_documents", "report", "cache_aware_scheduling"):
+        for name in ("enabled", "implicit_documents", "report", "tenant_isolation", "cache_aware_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.channel not in ("auto", "off"):
@@ -120,6 +123,8 @@ OPTION_HELP = {
     "report": "Add a 'contextpilot' field describing what was done to chat completion responses (default: true).",
     "channel": "'auto' mirrors the engine's prefix cache into the API server process over a local Unix socket; "
     "'off' disables that (reordering then uses popularity only) (default: auto).",
+    "tenant_isolation": "Give each tenant named by a request its own KV-cache namespace (the engine's cache salt), "
+    "so tenants never share cached pages; requests of the default tenant are not salted (default: true).",
     "cache_aware_scheduling": "Order the waiting queue so requests whose prefix is cached run first "
     "(default: false).",
     "max_overtakes": "Aging bound of cache-aware scheduling: a waiting request is overtaken at most this many "
@@ -132,13 +137,19 @@ OPTION_HELP = {
     "popularity_decay": "Per-request discount of a block's popularity since it was last requested (1: none).",
     "max_blocks_per_context": "Most context blocks accepted in one request.",
     "max_delay": "Batch scheduling bound of the library's offline API (int, or 'none').",
-    "deduplicate": "Replace blocks already sent in a request's conversation by hints (--no-contextpilot-deduplicate: "
-    "resend them, keeping only the conversation-aware order).",
-    "hint_template": "Text replacing a block already sent in the conversation; fields {doc_id} {turn} {position}.",
-    "chunk_hint_template": "Text replacing repeated runs inside long blocks; fields {words} {turn} {position}.",
+    "deduplicate": "With a conversation id, replace a block whose full text is already elsewhere in the prompt by "
+    "a hint to that copy (--no-contextpilot-deduplicate: always send blocks in full).",
+    "hint_template": "Library deduplicate(): text replacing a block sent in an earlier turn; fields {doc_id} "
+    "{turn} {position}.",
+    "chunk_hint_template": "Library deduplicate(): text replacing repeated runs inside long blocks; fields {words} "
+    "{turn} {position}.",
+    "copy_hint_template": "Text replacing a block whose full text is elsewhere in the prompt; fields {doc_id} "
+    "{where}.",
+    "copy_chunk_hint_template": "Text replacing a run of a long block that is elsewhere in the prompt; fields "
+    "{words} {where}.",
     "chunk_min_tokens": "Blocks at least this long are also deduplicated chunk by chunk.",
     "chunk_target_words": "Average chunk size (words) of that chunk-level deduplication.",
-    "max_conversations": "Conversations remembered for deduplication (least recently used dropped first).",
+    "max_conversations": "Conversations remembered (least recently used dropped first).",
     "max_conversation_entries": "Blocks and chunks remembered per conversation.",
     "strategies": "Comma-separated offline reorder strategies (library batch API).",
     "instruction": "Fixed instruction placed before the documents in the system message.",
@@ -165,6 +176,24 @@ def _str_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _checked(option: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type``: convert, then validate the value alone, so argparse names the flag."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {getattr(convert, '__name__', 'value')}")
+        try:
+            PluginOptions.from_dict({option: value})
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+        return value
+
+    parse.__name__ = getattr(convert, "__name__", option)
+    return parse
+
+
 def flag_specs() -> list[tuple[str, Any, str]]:
     """``(option, argparse type or 'bool', help)`` for every option that has a flag."""
     out: list[tuple[str, Any, str]] = []
@@ -173,7 +202,7 @@ def flag_specs() -> list[tuple[str, Any, str]]:
         if name == "enabled":
             continue  # the switch is --enable-contextpilot
         value = getattr(defaults, name)
-        kind: Any = "bool" if isinstance(value, bool) else type(value)
+        kind: Any = "bool" if isinstance(value, bool) else _checked(name, type(value))
         out.append((name, kind, OPTION_HELP.get(name, name)))
     hints = typing.get_type_hints(PilotConfig)
     core_defaults = PilotConfig.defaults()
@@ -187,7 +216,7 @@ def flag_specs() -> list[tuple[str, Any, str]]:
             convert = "bool"
         else:
             convert = type(default)
-        kind = convert
+        kind = convert if convert == "bool" else _checked(f.name, convert)
         shown = ",".join(default) if isinstance(default, tuple) else default
         help_text = OPTION_HELP.get(f.name, f"PilotConfig option {f.name}.")
         out.append((f.name, kind, f"{help_text} (default: {shown!r})".replace("%", "%%")))

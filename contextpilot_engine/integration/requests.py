@@ -10,8 +10,10 @@ Every adapter and the proxy accept the same request interface:
   which supply the conversation and tenant when the object does not.
 
 The object accepts ``contexts`` (a list of strings or ``{"text", "id"}``
-objects), ``conversation_id``, ``tenant`` and ``enabled`` (false: leave this request
-alone).  Anything else, or a value of the wrong type, is a
+objects), ``conversation_id``, ``tenant``, ``enabled`` (false: send the
+contexts as given, in the given order, without reordering, deduplication or
+notes) and ``debug`` (true: the response's report also carries the rewritten
+messages).  Anything else, or a value of the wrong type, is a
 :class:`ContextPilotRequestError` naming the field; adapters answer it as a
 client error (HTTP 400).
 """
@@ -37,7 +39,7 @@ __all__ = [
 
 HEADER_CONVERSATION = "x-contextpilot-conversation"
 HEADER_TENANT = "x-contextpilot-tenant"
-SPEC_FIELDS = ("contexts", "conversation_id", "tenant", "enabled")
+SPEC_FIELDS = ("contexts", "conversation_id", "tenant", "enabled", "debug")
 
 
 class ContextPilotRequestError(ValueError):
@@ -52,6 +54,7 @@ class RequestSpec:
     conversation_id: str | None = None
     tenant: str | None = None
     enabled: bool = True
+    debug: bool = False
     #: how the client passed it, for error messages (``contextpilot``, ``messages[2].contextpilot``)
     where: str = "contextpilot"
 
@@ -93,6 +96,7 @@ def parse_spec(value: Any, where: str = "contextpilot", max_blocks: int = 4096) 
         conversation_id=_name(value.get("conversation_id"), f"{where}.conversation_id"),
         tenant=_name(value.get("tenant"), f"{where}.tenant"),
         enabled=_flag(value.get("enabled"), f"{where}.enabled", True),
+        debug=_flag(value.get("debug"), f"{where}.debug", False),
         where=where,
     )
 

@@ -11,27 +11,36 @@ An adapter calls, around the engine's own chat rendering:
 2. the engine renders and tokenizes :attr:`Prepared.conversations`,
    returning character offsets when :attr:`Prepared.wants_offsets`;
 3. :func:`finish` with what the engine produced (:class:`ServedTokens`),
-   which binds each prompt's blocks to the index and records the reports;
-4. or, if the engine rejected the rewritten prompt, :func:`rejected`, which
-   gives back the conversations as sent to try again.
+   which sets each prompt's cache salt (tenant isolation), binds its blocks
+   to the index and records the reports;
+4. or, if the engine rejected the rewritten prompt, the adapter renders
+   :func:`as_sent` instead.  If that succeeds, the failure was ours
+   (:func:`rejected` records it); if it fails too, the error is the client's
+   and goes back to the client as the engine's own, with nothing logged.
 
-Reports go to the engine state (recent history) and, when the adapter passes
-one, to a per-request list that it turns into the response field.
+Reports go to the engine state (recent history), to the metrics and, when
+the adapter passes one, to a per-request list that it turns into the
+response field.  The time spent in :func:`prepare` and :func:`finish` is the
+request path's overhead (the ``contextpilot:request_overhead_seconds``
+histogram and :attr:`.state.EngineState.overhead`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from . import metrics
 from .binding import bind_served_prompt
-from .conversation import Plan, fallback_conversation, plan_conversation
+from .conversation import fallback_conversation, plan_conversation
 from .engine_keys import page_salt
 from .failopen import call_safely, report_failure
+from .reports import make_report
 from .requests import ContextPilotRequestError, RequestSpec
 from .state import EngineState
 
-__all__ = ["Prepared", "ServedTokens", "prepare", "finish", "rejected", "as_sent"]
+__all__ = ["Prepared", "ServedTokens", "prepare", "finish", "rejected", "as_sent", "tenant_cache_salt"]
 
 
 @dataclass
@@ -39,10 +48,15 @@ class Prepared:
     """The conversations to render, and what binding them afterwards needs."""
 
     state: EngineState
+    spec: RequestSpec | None
     conversations: list
     plans: list  # Plan | None per conversation
     #: some prompt must be bound: ask the engine's tokenizer for character offsets
     wants_offsets: bool
+    #: the tenant of each conversation (None: the default tenant), for its cache salt
+    tenants: list
+    #: time spent in prepare() and finish() so far
+    seconds: float = 0.0
 
 
 @dataclass
@@ -53,19 +67,42 @@ class ServedTokens:
     token_ids: Sequence[int]
     #: per-token (start, end) character offsets into ``prompt_text``, when the tokenizer gave them
     offsets: Sequence[tuple[int, int]] | None
+    #: the request's cache salt; :func:`finish` replaces it by the effective one (tenant isolation)
     cache_salt: Any = None
     lora_name: str | None = None
+
+
+def tenant_cache_salt(state: EngineState, tenant: str | None, client_salt: Any) -> Any:
+    """The cache salt a request of ``tenant`` is served with.
+
+    With ``tenant_isolation`` each tenant other than the configured default
+    gets a KV namespace of its own (combined with any salt the client gave),
+    so no tenant can hit, or time, another tenant's pages.
+    """
+    options = state.options
+    if not options.tenant_isolation or tenant is None or tenant == options.pilot.tenant:
+        return client_salt
+    mark = f"contextpilot-tenant={tenant}"
+    return f"{client_salt}|{mark}" if client_salt else mark
 
 
 def _record(state: EngineState, sink: list | None, report: dict) -> None:
     state.reports.append(report)
     if sink is not None:
         sink.append(report)
+    if report.get("applied"):
+        metrics.count_rewrite(report)
+    else:
+        outcome = "skipped" if report.get("reason") in ("disabled_by_request", "system_not_text") else "failed_open"
+        metrics.count_request(outcome, report.get("reason") or "")
 
 
-def as_sent(conversations: Sequence[Any], spec: RequestSpec | None) -> list:
+def as_sent(conversations: Sequence[Any], spec: RequestSpec | None, instruction: str) -> list:
     """Each conversation as the client meant it (see :func:`.conversation.fallback_conversation`)."""
-    return [call_safely("request fallback", fallback_conversation, conv, spec, default=conv) for conv in conversations]
+    return [
+        call_safely("fallback_error", fallback_conversation, conv, spec, instruction, default=conv)
+        for conv in conversations
+    ]
 
 
 def prepare(
@@ -76,8 +113,8 @@ def prepare(
     sink: list | None = None,
 ) -> Prepared | None:
     """Plan every conversation; None means "render them unchanged"."""
-    if spec is not None and not spec.enabled:
-        return None
+    start = time.perf_counter()
+    spec_tenant = spec.tenant if spec is not None else None
     try:
         pilot = state.pilot_for(tokenizer)
         state.ensure_channel()
@@ -86,14 +123,17 @@ def prepare(
     except ContextPilotRequestError:
         raise
     except Exception as exc:  # fail open: the request goes through as the client sent it
-        report_failure("request rewrite", exc)
-        _record(state, sink, {"applied": False, "error": "internal error; request served unmodified"})
-        return Prepared(state, as_sent(conversations, spec), [None] * len(conversations), False)
-    if not any(p is not None for p in plans):
+        report_failure("rewrite_error", exc)
+        _record(state, sink, make_report(reason="rewrite_error", error=f"{type(exc).__name__}: {exc}"))
+        convs = as_sent(conversations, spec, state.options.pilot.instruction)
+        n = len(conversations)
+        return Prepared(state, spec, convs, [None] * n, False, [spec_tenant] * n, time.perf_counter() - start)
+    tenants = [p.tenant if p is not None and p.tenant else spec_tenant for p in plans]
+    if not any(p is not None for p in plans) and all(tenant_cache_salt(state, t, None) is None for t in tenants):
         return None
     new_convs = [p.messages if p is not None else conv for p, conv in zip(plans, conversations)]
     wants = any(p is not None and p.preamble is not None for p in plans)
-    return Prepared(state, new_convs, plans, wants)
+    return Prepared(state, spec, new_convs, plans, wants, tenants, time.perf_counter() - start)
 
 
 def finish(
@@ -102,16 +142,19 @@ def finish(
     retokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]] | None = None,
     sink: list | None = None,
 ) -> None:
-    """Bind each rendered prompt to the index and record what was done."""
+    """Salt, bind and report each rendered prompt (``served[i]`` for ``prepared.plans[i]``)."""
+    start = time.perf_counter()
     state = prepared.state
-    for plan, tokens in zip(prepared.plans, served):
+    for plan, tenant, tokens in zip(prepared.plans, prepared.tenants, served):
+        if tokens is not None:
+            tokens.cache_salt = tenant_cache_salt(state, tenant, tokens.cache_salt)
         if plan is None:
             continue
         report = plan.report
         if tokens is not None and plan.preamble is not None and plan.ordered:
             plan.salt = page_salt(tokens.cache_salt, tokens.lora_name)
             ok = call_safely(
-                "request binding",
+                "bind_error",
                 bind_served_prompt,
                 state.index,
                 plan,
@@ -124,15 +167,22 @@ def finish(
             report = dict(report, bound=bool(ok))
         if report:
             _record(state, sink, report)
+    prepared.seconds += time.perf_counter() - start
+    state.overhead.append(prepared.seconds)
+    metrics.observe_overhead(prepared.seconds)
 
 
-def rejected(
-    prepared: Prepared, conversations: Sequence[Any], spec: RequestSpec | None, exc: BaseException,
-    sink: list | None = None,
-) -> list:
-    """The engine rejected the rewritten prompt: log it and return the conversations to retry with."""
-    report_failure("request render (rewritten prompt)", exc, "retrying with the request as sent")
-    _record(prepared.state, sink, {"applied": False, "error": "the rewritten prompt failed; request served unmodified"})
-    return as_sent(conversations, spec)
+def rejected(prepared: Prepared, exc: BaseException, sink: list | None = None) -> None:
+    """The engine refused the rewritten prompt but took the one sent: our failure, recorded.
 
-
+    The prompts now being served are the ones sent, so nothing is bound;
+    :func:`finish` still salts them by tenant.
+    """
+    prepared.plans = [None] * len(prepared.plans)
+    prepared.wants_offsets = False
+    report_failure("rewrite_rejected", exc, "served the request as sent")
+    _record(
+        prepared.state,
+        sink,
+        make_report(reason="rewrite_rejected", error=f"{type(exc).__name__}: {exc}"),
+    )

@@ -22,8 +22,8 @@ builds many engines does not grow without bound.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
 import threading
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
@@ -54,13 +54,16 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def socket_path(key: str, dp_rank: int = 0) -> str:
-    """Where the cache side of engine ``key`` publishes its page events.
+    """The name the cache side of engine ``key`` publishes its page events on.
 
-    Unix socket paths are limited to about 107 bytes; a long ``TMPDIR`` falls back to ``/tmp``.
+    An abstract-namespace Unix socket (the name starts with a NUL byte): it
+    has no file, so nothing is left behind when an engine process is killed,
+    and the name is unique per user and engine identity.
     """
-    name = f"contextpilot-{os.getuid()}-{key}-dp{dp_rank}.sock"
-    path = os.path.join(tempfile.gettempdir(), name)
-    return path if len(path.encode()) <= 100 else os.path.join("/tmp", name)
+    name = f"contextpilot-{os.getuid()}-{key}-dp{dp_rank}"
+    if len(name) > 100:  # the socket name limit is 107 bytes
+        name = "contextpilot-" + hashlib.sha1(name.encode()).hexdigest()
+    return "\0" + name
 
 
 class LagStats:
@@ -130,6 +133,8 @@ class EngineState:
         self.reports: deque[dict] = deque(maxlen=1000)
         #: request side: mirror lag of the cross-process channel
         self.lag = LagStats()
+        #: request side: seconds each request spent in contextpilot before the engine got its tokens
+        self.overhead: deque[float] = deque(maxlen=100_000)
 
     def page_size(self) -> int | None:
         return self.index.page_size
