@@ -48,7 +48,7 @@ def chain_page_keys(
     salt: object = None,
     start: int = 0,
 ) -> list[int]:
-    """Canonical keys of the full pages of ``token_ids[start:]``.
+    """Canonical keys of the full pages of ``token_ids[start:]`` (a sequence, or an ``array("q")``).
 
     ``parent`` is the key of the page just before ``start`` (``ROOT_PAGE_KEY``
     at the beginning of a prompt); ``salt`` is mixed into the first page of
@@ -62,9 +62,11 @@ def chain_page_keys(
     prev = parent
     salt_b = salt_bytes(salt) if parent == ROOT_PAGE_KEY else b""
     digest = xxhash.xxh3_128_intdigest
+    width = 8 * page_size  # bytes of one page of int64 token ids
+    span = token_ids[start : start + n_full * page_size]
+    buf = (span if isinstance(span, array) and span.typecode == "q" else array("q", span)).tobytes()
     for j in range(n_full):
-        lo = start + j * page_size
-        chunk = array("q", token_ids[lo : lo + page_size]).tobytes()
+        chunk = buf[j * width : (j + 1) * width]
         if j == 0 and salt_b:
             chunk = salt_b + b"\x00" + chunk
         prev = digest(_int_bytes(prev) + chunk)

@@ -15,6 +15,8 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
+from .blocks import block_key, estimate_tokens
+
 __all__ = ["CachedTokenCounter"]
 
 
@@ -50,10 +52,13 @@ class CachedTokenCounter:
     where the chat template adds none.  Every count is at least 1.
     """
 
-    def __init__(self, tokenizer: Any, max_entries: int = 200_000):
+    def __init__(self, tokenizer: Any, max_entries: int = 200_000, estimate_unseen: bool = False):
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self._encode = _batch_encoder(tokenizer)
+        #: unseen texts get a character estimate instead of a tokenizer call; the caller teaches the
+        #: exact count later (:meth:`learn`), e.g. from the prompt the engine tokenized anyway
+        self.estimate_unseen = estimate_unseen
         self.max_entries = max_entries
         self._counts: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
@@ -64,8 +69,6 @@ class CachedTokenCounter:
         return len(self._counts)
 
     def __call__(self, text: str) -> int:
-        from .blocks import block_key
-
         return self.count_many([text], [block_key(text)])[0]
 
     def count_many(self, texts: Sequence[str], keys: Sequence[int]) -> list[int]:
@@ -82,6 +85,13 @@ class CachedTokenCounter:
                     counts.move_to_end(key)
                     out[i] = n
             self.hits += len(texts) - sum(len(v) for v in missing.values())
+        if missing and self.estimate_unseen:
+            for positions in missing.values():
+                n = estimate_tokens(texts[positions[0]])
+                for i in positions:
+                    out[i] = n
+            return out  # type: ignore[return-value]
+
         if missing:
             first = [positions[0] for positions in missing.values()]
             found = self._encode([texts[i] for i in first])
@@ -95,3 +105,11 @@ class CachedTokenCounter:
                 while len(counts) > self.max_entries:
                     counts.popitem(last=False)
         return out  # type: ignore[return-value]
+
+    def learn(self, key: int, tokens: int) -> None:
+        """Record the count of the text with content key ``key`` (from a tokenization done elsewhere)."""
+        with self._lock:
+            self._counts[key] = max(1, int(tokens))
+            self._counts.move_to_end(key)
+            while len(self._counts) > self.max_entries:
+                self._counts.popitem(last=False)

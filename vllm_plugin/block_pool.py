@@ -46,9 +46,11 @@ import time
 from typing import Any, Callable, Hashable
 
 from contextpilot_engine.integration.engine_keys import page_salt
-from contextpilot_engine.integration.failopen import logger, once, patch_method, report_failure
+from contextpilot_engine.integration.failopen import logger, once, report_failure
 from contextpilot_engine.integration.mirror import PageMirror
 from contextpilot_engine.pages import ROOT_PAGE_KEY, chain_page_keys
+
+from .hook_points import hook_point, matches, patch
 
 __all__ = ["install_block_pool_hooks", "mirror_of", "pool_canonical_counts", "ATTR"]
 
@@ -184,22 +186,17 @@ def _wrap_reset(orig: Callable) -> Callable:
     return reset_prefix_cache
 
 
-#: (method, wrapper factory, expected leading parameters, optional?) checked against this vLLM
-_HOOKS = (
-    ("_insert_block_hash", _wrap_insert, ["self", None, "block", "num_tokens"], False),
-    ("_remove_cached_block_hashes", _wrap_remove, ["self", "block"], False),
-    ("reset_prefix_cache", _wrap_reset, ["self"], False),
-    (
-        "cache_full_blocks",
-        _wrap_caching,
-        ["self", "request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size", "kv_cache_group_id"],
-        False,
-    ),
-    ("cache_partial_block", _wrap_caching, ["self", "request", "block", "num_tokens"], True),
-    ("get_new_blocks", _wrap_scope, ["self", "num_blocks"], True),
-    ("evict_blocks", _wrap_scope, ["self", "block_ids"], True),
-    ("move_block_hashes", _wrap_scope, ["self", "src_block", "dst_block"], True),
-)
+#: the wrapper of each BlockPool method (signatures: .hook_points)
+_WRAPPERS = {
+    "_insert_block_hash": _wrap_insert,
+    "_remove_cached_block_hashes": _wrap_remove,
+    "reset_prefix_cache": _wrap_reset,
+    "cache_full_blocks": _wrap_caching,
+    "cache_partial_block": _wrap_caching,
+    "get_new_blocks": _wrap_scope,
+    "evict_blocks": _wrap_scope,
+    "move_block_hashes": _wrap_scope,
+}
 
 
 @once
@@ -207,30 +204,28 @@ def install_block_pool_hooks() -> bool:
     """Patch ``BlockPool`` once; False (and vLLM untouched) if this vLLM's signatures differ."""
     from vllm.v1.core.block_pool import BlockPool
 
-    # Check every signature first: the mirror needs all hooks or none.
-    for name, _, expected, optional in _HOOKS:
-        func = BlockPool.__dict__.get(name)
+    # Check every signature first: the mirror needs all required hooks or none.
+    points = [hook_point("BlockPool", name) for name in _WRAPPERS]
+    present = []
+    for point in points:
+        func = BlockPool.__dict__.get(point.method)
         if func is None:
-            if optional:
+            if point.optional:
                 continue
-            logger.warning("contextpilot: BlockPool.%s is missing in this vLLM; the cache mirror is disabled", name)
+            logger.warning("contextpilot: BlockPool.%s is missing in this vLLM; the cache mirror is disabled",
+                           point.method)
             return False
         params = list(inspect.signature(func).parameters)
-        exact = name in ("_insert_block_hash", "_remove_cached_block_hashes", "reset_prefix_cache")
-        if (len(params) != len(expected) if exact else len(params) < len(expected)) or any(
-            want is not None and got != want for got, want in zip(params, expected)
-        ):
+        if not matches(point, params):
             logger.warning(
                 "contextpilot: BlockPool.%s has parameters %s, expected %s; this vLLM is not supported by "
                 "the cache mirror, which stays disabled (vLLM runs unchanged)",
-                name,
+                point.method,
                 params,
-                expected,
+                list(point.params),
             )
             return False
-    for name, factory, expected, optional in _HOOKS:
-        if name not in BlockPool.__dict__:
-            continue
-        names = list(inspect.signature(BlockPool.__dict__[name]).parameters)
-        patch_method(BlockPool, name, factory, names[: len(expected)], prefix_only=True)
+        present.append(point.method)
+    for name in present:
+        patch(BlockPool, name, _WRAPPERS[name])
     return True

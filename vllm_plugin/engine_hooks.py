@@ -27,11 +27,12 @@ from __future__ import annotations
 from typing import Any
 
 from contextpilot_engine.integration.channel import shown
-from contextpilot_engine.integration.failopen import call_safely, logger, once, patch_method
+from contextpilot_engine.integration.failopen import call_safely, logger, once
 from contextpilot_engine.integration.mirror import PageMirror
 from contextpilot_engine.integration.state import find_state, socket_path
 
 from .config import engine_key, options_from_vllm_config, state_for_config
+from .hook_points import patch
 
 __all__ = ["install_engine_hooks", "attach_to_scheduler", "detach_from_scheduler"]
 
@@ -55,13 +56,7 @@ def install_engine_hooks() -> bool:
 
         return __init__
 
-    sched_ok = patch_method(
-        Scheduler,
-        "__init__",
-        make,
-        ["self", "vllm_config", "kv_cache_config", "structured_output_manager", "block_size"],
-        prefix_only=True,
-    )
+    sched_ok = patch(Scheduler, "__init__", make)
 
     def make_shutdown(orig):
         def shutdown(self, *args, **kwargs):
@@ -72,7 +67,7 @@ def install_engine_hooks() -> bool:
 
         return shutdown
 
-    patch_method(Scheduler, "shutdown", make_shutdown, ["self"], prefix_only=True)
+    patch(Scheduler, "shutdown", make_shutdown)
     return pool_ok and sched_ok
 
 

@@ -31,7 +31,7 @@ import os
 import sys
 from typing import Any
 
-from contextpilot_engine.integration.failopen import logger, once, patch_method, report_failure
+from contextpilot_engine.integration.failopen import logger, once, report_failure
 from contextpilot_engine.integration.options import (
     CONFIG_KEY,
     OptionError,
@@ -41,6 +41,7 @@ from contextpilot_engine.integration.options import (
 )
 
 from .config import WHERE, options_from_vllm_config, state_for_config
+from .hook_points import patch
 
 __all__ = ["install_flag_hooks", "ENGINE_HOOKS_ENV", "activate"]
 
@@ -116,6 +117,6 @@ def install_flag_hooks() -> None:
 
         return create_engine_config
 
-    patch_method(EngineArgs, "add_cli_args", make_add, ["parser"], prefix_only=True)
-    patch_method(EngineArgs, "from_cli_args", make_from, ["cls", "args"])
-    patch_method(EngineArgs, "create_engine_config", make_create, ["self"], prefix_only=True)
+    patch(EngineArgs, "add_cli_args", make_add)
+    patch(EngineArgs, "from_cli_args", make_from)
+    patch(EngineArgs, "create_engine_config", make_create)

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contextpilot_engine.integration import rewriting
-from contextpilot_engine.integration.failopen import call_safely, logger, once, patch_method, report_failure
+from contextpilot_engine.integration.failopen import call_safely, logger, once, report_failure
 from contextpilot_engine.integration.requests import ContextPilotRequestError, RequestSpec, spec_from_http
 from contextpilot_engine.integration.state import EngineState
 
 from .config import options_from_vllm_config, state_for_config
+from .hook_points import patch
 
 __all__ = ["install_frontend_hooks", "state_for_renderer"]
 
@@ -103,14 +104,6 @@ def _prepare(renderer: Any, conversations: Any, tok_params: Any) -> _Render | No
     return _Render(prepared, tok_params, added)
 
 
-def _retokenizer(renderer: Any):
-    def retokenize(text: str):
-        enc = renderer.get_tokenizer()(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-    return retokenize
-
-
 def _finish(renderer: Any, render: _Render, eng_prompts: list) -> None:
     online = _online.get()
     lora = online.lora_name if online is not None else None
@@ -125,7 +118,7 @@ def _finish(renderer: Any, render: _Render, eng_prompts: list) -> None:
                 eng.get("prompt") or "", eng.get("prompt_token_ids") or [], offsets, eng.get("cache_salt"), lora
             )
         )
-    rewriting.finish(render.prepared, served, _retokenizer(renderer), online.reports if online is not None else None)
+    rewriting.finish(render.prepared, served, online.reports if online is not None else None)
     for eng, tokens in zip(eng_prompts, served):
         if tokens is not None and tokens.cache_salt != eng.get("cache_salt"):
             eng["cache_salt"] = tokens.cache_salt  # the engine core hashes the request's blocks with it
@@ -256,26 +249,12 @@ def _wrap_create_chat_completion(orig):
 def install_frontend_hooks() -> bool:
     from vllm.renderers.base import BaseRenderer
 
-    ok = patch_method(
-        BaseRenderer, "render_chat", _wrap_render_chat, ["self", "conversations", "chat_params", "tok_params"],
-        prefix_only=True,
-    )
-    ok &= patch_method(
-        BaseRenderer,
-        "render_chat_async",
-        _wrap_render_chat_async,
-        ["self", "conversations", "chat_params", "tok_params"],
-        prefix_only=True,
-    )
+    ok = patch(BaseRenderer, "render_chat", _wrap_render_chat)
+    ok &= patch(BaseRenderer, "render_chat_async", _wrap_render_chat_async)
     try:
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     except Exception as exc:  # no server components: offline use still works
         logger.info("contextpilot: OpenAI chat serving not importable (%s); server hooks skipped", exc)
     else:
-        patch_method(
-            OpenAIServingChat,
-            "create_chat_completion",
-            _wrap_create_chat_completion,
-            ["self", "request", "raw_request"],
-        )
+        patch(OpenAIServingChat, "create_chat_completion", _wrap_create_chat_completion)
     return ok

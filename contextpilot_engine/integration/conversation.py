@@ -89,17 +89,43 @@ def strip_message_specs(messages: Sequence[Any]) -> tuple[list, list[tuple[int, 
 
 
 def _implicit_blocks(system_text: str) -> tuple[list, str] | None:
+    """The ``<document>`` elements of a system text, and the text without them.
+
+    A plain scan with ``str.find`` (a non-greedy regular expression over a
+    long system message costs more than the rest of the rewrite).
+    """
     blocks = []
-    for m in DOCUMENT_PATTERN.finditer(system_text):
-        doc_id, body = m.group(1), m.group(2).strip()
+    rest: list[str] = []
+    pos = 0
+    while True:
+        start = system_text.find("<document", pos)
+        if start < 0:
+            break
+        m = _DOCUMENT_OPEN.match(system_text, start)
+        close = system_text.find("</document>", m.end()) if m else -1
+        if m is None or close < 0:
+            rest.append(system_text[pos : start + 9])  # not an element: keep the text as it is
+            pos = start + 9
+            continue
+        body = system_text[m.end() : close].strip()
         if not body:
             return None  # an empty document: leave the request as the client wrote it
+        doc_id = m.group(1)
         blocks.append({"text": body, "id": doc_id} if doc_id else body)
+        rest.append(system_text[pos:start])
+        pos = close + len("</document>")
     if not blocks:
         return None
-    rest = DOCUMENT_PATTERN.sub("", system_text)
-    rest = re.sub(r"\n{3,}", "\n\n", rest).strip()
-    return blocks, rest
+    rest.append(system_text[pos:])
+    text = "".join(rest)
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
+    return blocks, text.strip()
+
+
+#: the opening tag of an implicit document, ``<document>`` or ``<document id="x">``
+_DOCUMENT_OPEN = re.compile(r"<document(?:\s+id\s*=\s*\"([^\"]*)\")?\s*>")
+_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def plan_conversation(

@@ -130,12 +130,18 @@ def call_safely(reason: str, func: Callable[..., Any], *args: Any, default: Any 
 _MARK = "__contextpilot_original__"
 
 
-def check_signature(func: Callable, expected: Sequence[str], *, prefix_only: bool = False) -> list[str] | None:
-    """None when ``func``'s parameter names are ``expected`` (or start with them); else the names it has."""
+def check_signature(
+    func: Callable, expected: Sequence[str | None], *, prefix_only: bool = False
+) -> list[str] | None:
+    """None when ``func``'s parameter names are ``expected`` (or start with them); else the names it has.
+
+    A ``None`` in ``expected`` matches any name at that position.
+    """
     params = list(inspect.signature(func).parameters)
     want = list(expected)
-    ok = params[: len(want)] == want if prefix_only else params == want
-    return None if ok else params
+    if len(params) < len(want) or (not prefix_only and len(params) != len(want)):
+        return params
+    return None if all(w is None or p == w for p, w in zip(params, want)) else params
 
 
 def is_patched(owner: type, name: str) -> bool:
@@ -154,7 +160,7 @@ def patch_method(
     owner: type,
     name: str,
     make_wrapper: Callable[[Callable], Callable],
-    expected_params: Sequence[str],
+    expected_params: Sequence[str | None],
     *,
     prefix_only: bool = False,
 ) -> bool:

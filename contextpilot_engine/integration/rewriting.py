@@ -28,14 +28,15 @@ histogram and :attr:`.state.EngineState.overhead`).
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from . import metrics
-from .binding import bind_served_prompt
-from .conversation import fallback_conversation, plan_conversation
+from .binding import bind_served_prompt, locate_blocks
+from .conversation import Plan, fallback_conversation, plan_conversation
 from .engine_keys import page_salt
-from .failopen import call_safely, report_failure
+from .failopen import call_safely, logger, report_failure
 from .reports import make_report
 from .requests import ContextPilotRequestError, RequestSpec
 from .state import EngineState
@@ -116,6 +117,7 @@ def prepare(
     start = time.perf_counter()
     spec_tenant = spec.tenant if spec is not None else None
     try:
+        state.binder.drain()  # the prompts served before this one are in the index before it is planned
         pilot = state.pilot_for(tokenizer)
         state.ensure_channel()
         implicit = state.options.implicit_documents
@@ -132,14 +134,46 @@ def prepare(
     if not any(p is not None for p in plans) and all(tenant_cache_salt(state, t, None) is None for t in tenants):
         return None
     new_convs = [p.messages if p is not None else conv for p, conv in zip(plans, conversations)]
-    wants = any(p is not None and p.preamble is not None for p in plans)
+    binds = any(p is not None and p.preamble is not None for p in plans)
+    wants = binds and not (state.token_table is not None and state.token_table_verified)
     return Prepared(state, spec, new_convs, plans, wants, tenants, time.perf_counter() - start)
+
+
+def _bind(state: EngineState, plan: Plan, tokens: ServedTokens) -> bool:
+    """Locate one prompt's blocks now and queue its binding; False when it cannot be located.
+
+    The first prompt located with the tokenizer's offsets also checks the
+    byte-length table against them: from then on prompts are located from
+    their token ids alone (no offsets asked), or never, if the table disagreed.
+    The binding itself (page keys, the prefix tree) and teaching the pilot
+    the blocks' token counts run on the state's binder (:mod:`.binder`).
+    """
+    table = state.token_table
+    ids = array("q", tokens.token_ids)  # one copy, shared by the byte table and the page keys
+    located = locate_blocks(plan, tokens.prompt_text, ids, tokens.offsets, table)
+    if located is None:
+        return False
+    if table is not None and not state.token_table_verified and tokens.offsets is not None:
+        if locate_blocks(plan, tokens.prompt_text, ids, None, table) == located:
+            state.token_table_verified = True
+        else:
+            state.token_table = None
+            logger.info("contextpilot: the vocabulary's byte lengths do not locate tokens exactly; using offsets")
+
+    def bind() -> None:
+        bind_served_prompt(state.index, plan, ids, located)
+        learn = getattr(state.pilot.count_tokens if state.pilot is not None else None, "learn", None)
+        if learn is not None:
+            for block, n in zip(plan.ordered, located.text_tokens):
+                learn(block.key, n)
+
+    state.binder.submit(bind)
+    return True
 
 
 def finish(
     prepared: Prepared,
     served: Sequence[ServedTokens | None],
-    retokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]] | None = None,
     sink: list | None = None,
 ) -> None:
     """Salt, bind and report each rendered prompt (``served[i]`` for ``prepared.plans[i]``)."""
@@ -153,17 +187,7 @@ def finish(
         report = plan.report
         if tokens is not None and plan.preamble is not None and plan.ordered:
             plan.salt = page_salt(tokens.cache_salt, tokens.lora_name)
-            ok = call_safely(
-                "bind_error",
-                bind_served_prompt,
-                state.index,
-                plan,
-                tokens.prompt_text,
-                tokens.token_ids,
-                tokens.offsets,
-                retokenize,
-                default=False,
-            )
+            ok = call_safely("bind_error", _bind, state, plan, tokens, default=False)
             report = dict(report, bound=bool(ok))
         if report:
             _record(state, sink, report)

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from contextpilot_engine.index import ContextIndex
 
+from .binder import Binder
+from .binding import TokenByteTable
 from .options import PluginOptions
 
 if TYPE_CHECKING:
@@ -129,25 +131,50 @@ class EngineState:
         self.subscriber: ChannelSubscriber | None = None
         #: request side: the ContextPilot doing reorder and dedup against ``index``
         self.pilot: ContextPilot | None = None
+        #: request side: byte lengths of the tokenizer's vocabulary, to bind prompts from token ids alone
+        #: (None: not a byte-level vocabulary, prompts are bound from the tokenizer's offsets)
+        self.token_table: TokenByteTable | None = None
+        #: the table located the tokens of one served prompt exactly as the tokenizer's offsets did
+        self.token_table_verified = False
         #: request side: the last reports (what was done per request), newest last
         self.reports: deque[dict] = deque(maxlen=1000)
         #: request side: mirror lag of the cross-process channel
         self.lag = LagStats()
         #: request side: seconds each request spent in contextpilot before the engine got its tokens
         self.overhead: deque[float] = deque(maxlen=100_000)
+        self._binder: Binder | None = None
+
+    @property
+    def binder(self) -> Binder:
+        """The request side's binder (its thread starts on first use, in the process that uses it)."""
+        if self._binder is None:
+            with self.lock:
+                if self._binder is None:
+                    self._binder = Binder(f"contextpilot-binder-{self.key}")
+        return self._binder
 
     def page_size(self) -> int | None:
         return self.index.page_size
 
     def pilot_for(self, tokenizer: Any) -> "ContextPilot":
-        """The request side's ContextPilot, made on first use with the engine's tokenizer."""
+        """The request side's ContextPilot, made on first use with the engine's tokenizer.
+
+        Its token counts come from the prompts the engine tokenizes anyway: a
+        block never seen is weighed by a character estimate until its first
+        served prompt teaches the exact count (see :func:`.rewriting.finish`).
+        """
         pilot = self.pilot
         if pilot is None:
             with self.lock:
                 if self.pilot is None:
                     from contextpilot_engine.pilot import ContextPilot
+                    from contextpilot_engine.token_counts import CachedTokenCounter
 
-                    self.pilot = ContextPilot(config=self.options.pilot, index=self.index, tokenizer=tokenizer)
+                    counter = None
+                    if tokenizer is not None:
+                        counter = CachedTokenCounter(tokenizer, estimate_unseen=True)
+                        self.token_table = TokenByteTable.from_tokenizer(tokenizer)
+                    self.pilot = ContextPilot(config=self.options.pilot, index=self.index, tokenizer=counter)
                 pilot = self.pilot
         return pilot
 
