@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("contextpilot_engine.demo", "run a real vLLM engine on a local tiny model with and without contextpilot"),
     "bench": ("contextpilot_engine.bench.suite", "run the benchmark suite and write its report"),
+    "model": ("contextpilot_engine.model_cli", "the local test model: `contextpilot model path` prints its directory"),
 }
 
 

@@ -92,3 +92,16 @@ def test_engine_replay_matches_the_simulator(smoke):
         for method, e in variants["ample"].items():
             assert e["requests_differing_from_simulator"] == 0, (name, method)
         assert "evicting" in variants
+
+
+def test_smoke_speed_checks_are_not_judged(smoke):
+    """At smoke sizes a speed ratio measures fixed costs: reported as not meaningful, never as FAIL."""
+    out, data, stderr = smoke
+    assert "speed checks not meaningful at this size" in stderr
+    speed = [c for c in data["targets"] if "faster" in c["target"]]
+    assert speed and all(c["status"] == "not meaningful at this size" and c["pass"] is None for c in speed)
+    others = [c for c in data["targets"] if "faster" not in c["target"]]
+    assert all(c["status"] in ("pass", "fail") for c in others)
+    md = (out / "bench.md").read_text()
+    assert "| not meaningful at this size |" in md
+    assert not any("faster" in line and "**FAIL**" in line for line in md.splitlines())

@@ -1,6 +1,6 @@
 """Upper bounds on exact-prefix reuse, and exact optima of small batches.
 
-Setting (``shared/notes/anchors.md`` section 4): request ``i`` holds a
+Setting: request ``i`` holds a
 multiset ``S_i`` of blocks with token weights ``w``; a method picks an order
 of every request's blocks.  With an unlimited cache, the tokens reused are
 ``sum_i |s_i| - |trie|``, the tokens the prefix tree of all orders shares,

@@ -7,8 +7,11 @@
   arrival order, its index capacity set to the simulated cache's, each
   request with its ``conversation_id`` (the reference gets them too) and
   deduplication off;
-* ``ours online+dedup`` (conversation workloads): the same with
-  deduplication on, so blocks sent earlier in the conversation become hints;
+* ``ours online+dedup`` (conversation workloads): the same after the
+  library's ``deduplicate`` (the reference API's conversation memory, which
+  assumes the caller keeps the earlier turns in its prompt, as the
+  reference's own dedup does): blocks sent earlier in the conversation
+  become hints;
 * ``reference offline`` / ``reference online``: ContextPilot 0.5.0's
   ``reorder`` on the batch / once per request (:mod:`.reference`).
 
@@ -201,18 +204,35 @@ def run_ours_online(
     """``optimize`` per request; ``capacity_tokens`` is told to the index (None: effectively unlimited).
 
     Requests carry their conversation id (as the reference's do), which
-    informs the order; ``dedup`` switches conversation deduplication on.
+    informs the order; ``dedup`` first runs each turn through ``deduplicate``
+    (a separate instance, so each turn is recorded once per instance) and
+    sends only its new blocks, with the hints after the documents.
     """
-    pilot = ContextPilot(tokenizer=count, capacity_tokens=capacity_tokens or 10**12, deduplicate=dedup)
+    pilot = ContextPilot(tokenizer=count, capacity_tokens=capacity_tokens or 10**12)
+    memory = ContextPilot(tokenizer=count) if dedup else None
     messages, served, hinted, rewritten, dropped = {}, {}, {}, {}, {}
     latencies, saved, invented = [], 0, 0
     for i, r in enumerate(wl.requests):
         cid = r.conversation
         start = time.perf_counter()
-        msgs, report = pilot.optimize_with_report(r.contexts, r.query, conversation_id=cid)
+        positions, docs, hints = list(range(len(r.contexts))), list(r.contexts), []
+        if memory is not None and cid:
+            (turn,) = memory.deduplicate([r.contexts], cid)
+            hints = turn["reference_hints"]
+            hint_set = set(hints)
+            positions = [p for p, d in enumerate(turn["deduplicated_docs"]) if d not in hint_set or d == r.contexts[p]]
+            docs = [turn["deduplicated_docs"][p] for p in positions]
+            saved += turn["tokens_saved"]
+        if docs:
+            msgs, report = pilot.optimize_with_report(docs, r.query, conversation_id=cid)
+            sent_pos = [positions[j] for j in report["order"]]
+        else:  # every block was sent before: an empty documents section, then the hints
+            msgs = render_messages(pilot.layout, pilot.layout.preamble(None, count), [], [], r.query)
+            sent_pos = []
+        if hints:
+            msgs[0] = dict(msgs[0], content=msgs[0]["content"] + "\n" + "\n".join(hints))
         latencies.append(time.perf_counter() - start)
-        sent_pos = list(report["order"])
-        sent = split_prompt(msgs).blocks
+        sent = split_prompt(msgs).blocks if docs else []
         if len(sent) != len(sent_pos):
             raise AssertionError(f"request {i}: {len(sent)} block lines but the report lists {len(sent_pos)}")
         changed = [p for p, t in zip(sent_pos, sent) if t != r.contexts[p]]
@@ -220,10 +240,9 @@ def run_ours_online(
         all_pos.subtract(sent_pos)
         rest = sorted(p for p, c in all_pos.items() if c > 0)
         invented += sum(-c for c in all_pos.values() if c < 0)
-        n_hint = report["blocks_deduplicated"]
+        n_hint = len(hints)
         messages[i], served[i], rewritten[i] = msgs, sent_pos, changed
         hinted[i], dropped[i] = rest[:n_hint], rest[n_hint:]
-        saved += report["tokens_saved_by_dedup"]
     name = "ours online+dedup" if dedup else "ours online"
     return MethodResult(
         name,

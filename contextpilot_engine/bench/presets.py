@@ -1,6 +1,7 @@
 """The workloads the suite runs, at full and smoke sizes, and their engine-replay variants.
 
-Full sizes follow the published settings (``shared/notes/anchors.md``) and
+Full sizes follow the published settings (MultiHop-RAG top-20 retrieval, NarrativeQA,
+LoCoMo, agent sessions) and
 keep the reference's O(n^2) build within minutes; smoke sizes keep the CI
 run in seconds.  Engine variants are small, materialised versions (shorter
 chunks, fewer requests) so that every method can be replayed through vLLM

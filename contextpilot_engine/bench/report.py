@@ -22,6 +22,8 @@ METHOD_ORDER = (
     "reference offline",
     "reference online",
 )
+#: one colour per method, the same in every plot
+METHOD_COLORS = dict(zip(METHOD_ORDER, ("#7f7f7f", "#bcbd22", "#1f77b4", "#17becf", "#2ca02c", "#d62728", "#ff9896")))
 
 
 def _pct(x) -> str:
@@ -216,7 +218,9 @@ def _targets_section(checks: list[dict]) -> list[str]:
                 vals = f"{c['ours']:.3f} s vs {c['reference']:.2f} s = {c['ratio']:.0f}x"
             else:
                 vals = f"{_pct(c['ours'])} vs {_pct(c['reference'])} = {c['ratio']:.3f}x"
-        rows.append([c["target"], c["workload"], vals, "PASS" if c["pass"] else "**FAIL**", c["note"]])
+        status = c.get("status", "pass" if c["pass"] else "fail")
+        shown = {"pass": "PASS", "fail": "**FAIL**"}.get(status, status)
+        rows.append([c["target"], c["workload"], vals, shown, c["note"]])
     return ["## Targets", ""] + _table(["target", "workload", "ours vs reference", "result", "gap / note"], rows) + [""]
 
 
@@ -268,7 +272,7 @@ def _plots(result: dict, out: Path) -> list[str]:
             for k, m in enumerate(methods):
                 vals = [wls[n]["methods"].get(m, {}).get("sim", {}).get("page16", {}).get(cap, {}).get("hit_ratio", 0)
                         for n in names]
-                ax.bar([i + k * width for i in range(len(names))], vals, width, label=m)
+                ax.bar([i + k * width for i in range(len(names))], vals, width, label=m, color=METHOD_COLORS[m])
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
             ax.set_ylabel("hit ratio (page 16)")
             ax.set_title(f"simulated hit ratio, {cap} cache")
@@ -281,7 +285,7 @@ def _plots(result: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(12, 4.8))
         for k, m in enumerate([m for m in methods if m != "ours online+dedup"]):
             vals = [wls[n]["methods"].get(m, {}).get("share_nested", 0) or 0 for n in names]
-            ax.bar([i + k * width for i in range(len(names))], vals, width, label=m)
+            ax.bar([i + k * width for i in range(len(names))], vals, width, label=m, color=METHOD_COLORS[m])
         ax.axhline(1.0, color="k", lw=1)
         for i, n in enumerate(names):
             b = wls[n]["bounds"]
@@ -290,7 +294,7 @@ def _plots(result: dict, out: Path) -> list[str]:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
         ax.set_ylabel("block reuse / nested bound")
         ax.set_title("reuse against the bounds (black: nested bound = 1, red dashed: MST bound)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the bars and lines stay visible
         fig.tight_layout()
         fig.savefig(out / "bounds.png", dpi=110)
         plt.close(fig)
@@ -306,7 +310,7 @@ def _plots(result: dict, out: Path) -> list[str]:
             width = 0.8 / max(1, len(methods))
             for k, m in enumerate(methods):
                 vals = [eng[n][variant].get(m, {}).get("prefill_seconds", 0) for n in names]
-                ax.bar([i + k * width for i in range(len(names))], vals, width, label=m)
+                ax.bar([i + k * width for i in range(len(names))], vals, width, label=m, color=METHOD_COLORS[m])
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
             ax.set_ylabel("total prefill wall time (s)")
             ax.set_title(f"vLLM CPU replay, {variant} KV cache")
@@ -321,19 +325,23 @@ def _plots(result: dict, out: Path) -> list[str]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         if ov.get("batch"):
             axes[0].loglog([r["contexts"] for r in ov["batch"]], [r["seconds"] for r in ov["batch"]], "o-",
-                           label="ours optimize_batch")
+                           label="ours optimize_batch", color=METHOD_COLORS["ours offline"])
         if ov.get("reference_batch"):
             pts = [r for r in ov["reference_batch"] if r.get("seconds")]
-            axes[0].loglog([r["contexts"] for r in pts], [r["seconds"] for r in pts], "s-", label="reference reorder")
+            axes[0].loglog([r["contexts"] for r in pts], [r["seconds"] for r in pts], "s-", label="reference reorder",
+                           color=METHOD_COLORS["reference offline"])
         axes[0].set_xlabel("contexts")
         axes[0].set_ylabel("seconds")
         axes[0].set_title("batch planning time")
         axes[0].legend()
         if ov.get("online"):
-            for cap in sorted({str(r["capacity_tokens"]) for r in ov["online"]}):
+            for k, cap in enumerate(sorted({str(r["capacity_tokens"]) for r in ov["online"]})):
                 pts = [r for r in ov["online"] if str(r["capacity_tokens"]) == cap]
-                axes[1].semilogx([r["indexed"] for r in pts], [r["p50_ms"] for r in pts], "o-", label=f"p50 ({cap})")
-                axes[1].semilogx([r["indexed"] for r in pts], [r["p99_ms"] for r in pts], "^--", label=f"p99 ({cap})")
+                color = METHOD_COLORS["ours online"] if k == 0 else METHOD_COLORS["ours offline"]
+                axes[1].semilogx([r["indexed"] for r in pts], [r["p50_ms"] for r in pts], "o-", color=color,
+                                 label=f"p50, capacity {cap}")
+                axes[1].semilogx([r["indexed"] for r in pts], [r["p99_ms"] for r in pts], "^--", color=color,
+                                 label=f"p99, capacity {cap}")
         axes[1].set_xlabel("requests indexed")
         axes[1].set_ylabel("ms per optimize call")
         axes[1].set_title("online latency")

@@ -1,7 +1,7 @@
 """Workloads beyond the RAG batch: long-document QA, memory chat, agent sessions.
 
 Each generator is seeded and deterministic, documents its knobs, and models
-one published setting (``shared/notes/anchors.md``):
+one published setting (NarrativeQA, LoCoMo/Mem0, agent tool loops):
 
 * :func:`longdoc_qa` (NarrativeQA-like, closed domain): many questions per
   long document, each retrieving top-k of *that* document's chunks, so

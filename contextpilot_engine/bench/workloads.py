@@ -11,7 +11,7 @@ This module holds the shared types and the multi-hop RAG batch;
 :mod:`.scenarios` has the long-document QA, memory-chat and agent
 generators, :mod:`.traces` the JSONL and Mooncake import/export.
 
-Statistics (see ``shared/notes/anchors.md``): retrieval popularity is Zipf
+Statistics (from the published workloads): retrieval popularity is Zipf
 (RAGCache: 3% of the chunks draw about 60% of the retrievals), queries have
 topic locality, relevance order is query dependent, top-k is 10 to 20,
 chunks are 200 to 1,300 tokens.  :func:`workload_stats` measures what a
