@@ -74,6 +74,23 @@ def demo_workload(requests: int, top_k: int, chunks: int, seed: int):
     )
 
 
+def rag_conversations(requests: int, top_k: int, chunks: int, doc_tokens: int, seed: int = 0) -> list[list[dict]]:
+    """A RAG trace as chat messages, documents of about ``doc_tokens`` tokens of the local models' tokenizer.
+
+    The local tokenizer (trained on Python source) splits the filler words
+    finely: about 0.32 words per token gives documents of about
+    ``doc_tokens`` real tokens.  The benchmarks of both engine plugins send it.
+    """
+    from .bench.workloads import materialise, rag_batch
+
+    wl = materialise(
+        rag_batch(n_queries=requests, top_k=top_k, n_chunks=chunks, n_topics=max(2, chunks // 8),
+                  min_tokens=int(doc_tokens * 0.8), max_tokens=int(doc_tokens * 1.2), seed=seed),
+        words_per_token=0.32,
+    )
+    return [document_messages(r.contexts, r.query) for r in wl.requests]
+
+
 def document_messages(docs, query):
     """What a RAG client unaware of contextpilot sends: the documents in retrieval order."""
     system = "Answer from the documents.\n" + "".join(f"<document>{d}</document>\n" for d in docs)

@@ -31,17 +31,9 @@ import time
 
 
 def conversations(args):
-    from contextpilot_engine.bench.workloads import materialise, rag_batch
-    from contextpilot_engine.demo import document_messages
+    from contextpilot_engine.demo import rag_conversations
 
-    # The tiny model's tokenizer (trained on Python source) splits the filler words finely:
-    # about 0.32 words per token gives documents of about --doc-tokens real tokens.
-    wl = materialise(
-        rag_batch(n_queries=args.requests, top_k=args.top_k, n_chunks=args.chunks, n_topics=max(2, args.chunks // 8),
-                  min_tokens=int(args.doc_tokens * 0.8), max_tokens=int(args.doc_tokens * 1.2), seed=args.seed),
-        words_per_token=0.32,
-    )
-    return [document_messages(r.contexts, r.query) for r in wl.requests]
+    return rag_conversations(args.requests, args.top_k, args.chunks, args.doc_tokens, args.seed)
 
 
 def fill_index(index, nodes: int, page: int) -> None:

@@ -40,18 +40,11 @@ import time
 
 
 def trace(args):
-    from contextpilot_engine.bench.workloads import materialise, rag_batch
-    from contextpilot_engine.demo import demo_workload, document_messages
+    from contextpilot_engine.demo import demo_workload, document_messages, rag_conversations
 
-    if args.doc_tokens is None:
-        wl = demo_workload(args.requests, args.top_k, args.chunks, args.seed)
-    else:  # documents of about --doc-tokens real tokens of the local models' tokenizer (0.32 words per token)
-        wl = materialise(
-            rag_batch(n_queries=args.requests, top_k=args.top_k, n_chunks=args.chunks,
-                      n_topics=max(2, args.chunks // 8), min_tokens=int(args.doc_tokens * 0.8),
-                      max_tokens=int(args.doc_tokens * 1.2), seed=args.seed),
-            words_per_token=0.32,
-        )
+    if args.doc_tokens is not None:
+        return rag_conversations(args.requests, args.top_k, args.chunks, args.doc_tokens, args.seed)
+    wl = demo_workload(args.requests, args.top_k, args.chunks, args.seed)
     return [document_messages(r.contexts, r.query) for r in wl.requests]
 
 

@@ -7,26 +7,18 @@ wrapper expects (``vllm_plugin/hook_points.py``).  Prints one line per hook
 point and exits 1 if a required one does not match.
 
     pip download --no-deps vllm==0.33.0 -d /tmp/w
-    python scripts/check_vllm_signatures.py /tmp/w/vllm-0.33.0-*.whl
+    PY=$(bash scripts/setup_env.sh | tail -n 1)
+    $PY scripts/check_vllm_signatures.py /tmp/w/vllm-0.33.0-*.whl
+
+It needs contextpilot-engine importable (the hook list), not the vLLM it checks.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import sys
 import zipfile
-
-
-def _load_hook_points():
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, "..", "vllm_plugin", "hook_points.py")
-    spec = importlib.util.spec_from_file_location("hook_points", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hook_points"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def _source(release: str, module: str) -> str | None:
@@ -55,15 +47,17 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
-    hp = _load_hook_points()
+    from contextpilot_engine.integration.hook_points import matches
+    from contextpilot_engine.vllm_plugin.hook_points import HOOK_POINTS
+
     failed = 0
-    for point in hp.HOOK_POINTS:
+    for point in HOOK_POINTS:
         source = _source(argv[0], point.module)
         params = _params(source, point.owner, point.method) if source is not None else None
         if params is None:
             status = "missing"
         else:
-            status = "ok" if hp.matches(point, params) else f"differs: {params}"
+            status = "ok" if matches(point, params) else f"differs: {params}"
         required = not point.optional
         if status != "ok" and required:
             failed += 1

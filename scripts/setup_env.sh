@@ -33,15 +33,11 @@ SETUPTOOLS_FALLBACK_PIN="setuptools==78.1.1"
 
 cached_venv_paths "$LOCK" venv
 # The lock pins cp311 wheels (torch 2.13.0+cpu exists on this machine only for 3.11).
-"$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
-    || die "$BASE_PYTHON is $("$BASE_PYTHON" -V 2>&1); requirements/engine.lock needs Python 3.11"
+require_python_311 requirements/engine.lock
 
 build_venv() {
     local t0=$SECONDS
-    log "creating $VENV from $LOCK (cold install, a few minutes; log: $LOGFILE)"
-    fresh_venv
-    run_logged "pip install of the lock" "$PY" -m pip install --no-deps --progress-bar off \
-        -r "$LOCK"
+    install_lock "$LOCK"
     if ! grep -qi '^setuptools==' "$LOCK"; then
         run_logged "setuptools install" "$PY" -m pip install --no-deps --progress-bar off \
             "$SETUPTOOLS_FALLBACK_PIN"
@@ -59,9 +55,7 @@ build_venv() {
         log "reusing $VENV"
     fi
 
-    # The venv is shared by all clones: point its editable install at this one.
-    run_logged "editable install of $REPO_ROOT" "$PY" -m pip install --no-deps --no-build-isolation \
-        --progress-bar off -e "$REPO_ROOT"
+    install_checkout
     check_import 'from vllm import LLM; import contextpilot_engine' "vllm.LLM and contextpilot_engine"
 } 9>"$LOCKFILE"
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -20,16 +18,15 @@ _SESSION_TMP: str | None = None
 
 def pytest_configure(config) -> None:
     global _SESSION_TMP
-    if os.environ.get("CONTEXTPILOT_TEST_TMPDIR") is None:  # not in a worker of an outer session
-        _SESSION_TMP = tempfile.mkdtemp(prefix="cp-tests-")
-        os.environ["CONTEXTPILOT_TEST_TMPDIR"] = _SESSION_TMP
-        os.environ["TMPDIR"] = _SESSION_TMP
-        tempfile.tempdir = _SESSION_TMP
+    from contextpilot_engine.testing import isolate_tmpdir
+
+    _SESSION_TMP = isolate_tmpdir("cp-tests-")
 
 
 def pytest_unconfigure(config) -> None:
-    if _SESSION_TMP is not None:
-        shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+    from contextpilot_engine.testing import remove_tmpdir
+
+    remove_tmpdir(_SESSION_TMP)
 
 
 # ---------------------------------------------------------------------------

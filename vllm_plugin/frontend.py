@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from contextpilot_engine.integration import rewriting
 from contextpilot_engine.integration.failopen import call_safely, logger, once, report_failure
+from contextpilot_engine.integration.reports import merge_reports, with_report_in_first_chunk
 from contextpilot_engine.integration.requests import ContextPilotRequestError, RequestSpec, spec_from_http
 from contextpilot_engine.integration.state import EngineState
 
@@ -185,27 +185,6 @@ def _lora_name(serving: Any, request: Any) -> str | None:
     return getattr(lora, "lora_name", None)
 
 
-def _merge_reports(reports: list) -> dict:
-    if len(reports) == 1:
-        return reports[0]
-    return {"applied": any(r.get("applied") for r in reports), "prompts": reports}
-
-
-async def _with_report_in_first_chunk(gen, payload: dict):
-    first = True
-    async for chunk in gen:
-        if first and isinstance(chunk, str) and chunk.startswith("data: ") and not chunk.startswith("data: [DONE]"):
-            first = False
-            try:
-                obj = json.loads(chunk[len("data: ") :])
-                if isinstance(obj, dict):
-                    obj["contextpilot"] = payload
-                    chunk = "data: " + json.dumps(obj) + "\n\n"
-            except ValueError:
-                pass
-        yield chunk
-
-
 def _wrap_create_chat_completion(orig):
     async def create_chat_completion(self, request, raw_request=None):
         renderer = getattr(self, "renderer", None)
@@ -231,10 +210,10 @@ def _wrap_create_chat_completion(orig):
             _online.reset(token)
         if not online.reports or not state.options.report:
             return result
-        payload = _merge_reports(online.reports)
+        payload = merge_reports(online.reports)
         try:
             if hasattr(result, "__aiter__"):
-                return _with_report_in_first_chunk(result, payload)
+                return with_report_in_first_chunk(result, payload)
             if hasattr(result, "choices") and hasattr(result, "usage"):
                 setattr(result, "contextpilot", payload)
         except Exception as exc:  # the answer matters more than the report

@@ -4,32 +4,15 @@ One list, used twice: the hooks check it before patching (a mismatch keeps
 vLLM's method and logs a warning, see
 :func:`contextpilot_engine.integration.failopen.patch_method`), and
 ``scripts/check_vllm_signatures.py`` checks it against another vLLM release
-(for example a downloaded wheel) without installing that release.
+(for example a downloaded wheel) without installing that release.  The
+record itself is the integration layer's (:mod:`contextpilot_engine.integration.hook_points`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextpilot_engine.integration.hook_points import HookPoint, find, matches
 
 __all__ = ["HookPoint", "HOOK_POINTS", "hook_point", "matches", "patch"]
-
-
-@dataclass(frozen=True)
-class HookPoint:
-    """``module.owner.method``'s expected parameter names; ``None`` matches any name."""
-
-    module: str
-    owner: str
-    method: str
-    params: tuple
-    #: further parameters after ``params`` are allowed (the wrapper passes them through)
-    prefix_only: bool = True
-    #: the plugin works without this hook (it only sharpens a mirror scope)
-    optional: bool = False
-
-    @property
-    def path(self) -> str:
-        return f"{self.module}.{self.owner}.{self.method}"
 
 
 HOOK_POINTS: tuple[HookPoint, ...] = (
@@ -67,18 +50,7 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
 
 
 def hook_point(owner: str, method: str) -> HookPoint:
-    for point in HOOK_POINTS:
-        if point.owner == owner and point.method == method:
-            return point
-    raise KeyError(f"{owner}.{method} is not a hook point")
-
-
-def matches(point: HookPoint, params: list[str]) -> bool:
-    """Whether a method with parameter names ``params`` is the one ``point`` was written for."""
-    want = point.params
-    if len(params) < len(want) or (not point.prefix_only and len(params) != len(want)):
-        return False
-    return all(w is None or p == w for p, w in zip(params, want))
+    return find(HOOK_POINTS, owner, method)
 
 
 def patch(owner: type, method: str, make_wrapper) -> bool:

@@ -58,8 +58,10 @@ class TokenByteTable:
     WordPiece), which then need offsets.
     """
 
-    def __init__(self, lengths: "np.ndarray"):
+    def __init__(self, lengths: "np.ndarray", pieces: list[bytes]):
         self.lengths = lengths
+        #: the bytes each token stands for
+        self.pieces = pieces
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> "TokenByteTable | None":
@@ -73,16 +75,27 @@ class TokenByteTable:
             return None
         alphabet = _byte_alphabet()
         lengths = np.zeros(size, dtype=np.int64)
+        raw: list[bytes] = []
         for i, piece in enumerate(pieces):
             if i in added:
-                lengths[i] = len(added[i].encode("utf-8"))
+                b = added[i].encode("utf-8")
             elif piece is None:
-                lengths[i] = 0
+                b = b""
             elif all(c in alphabet for c in piece):
-                lengths[i] = len(piece)
+                b = bytes(alphabet[c] for c in piece)
             else:
                 return None  # a token that is not a byte string: not a byte-level vocabulary
-        return cls(lengths)
+            raw.append(b)
+            lengths[i] = len(b)
+        return cls(lengths, raw)
+
+    def decode(self, token_ids: Sequence[int]) -> str | None:
+        """The text of a prompt's tokens (None if an id is out of range or the bytes are not UTF-8)."""
+        pieces = self.pieces
+        try:
+            return b"".join([pieces[i] for i in token_ids]).decode("utf-8")
+        except (IndexError, TypeError, UnicodeDecodeError):
+            return None
 
     def token_starts(self, token_ids: Sequence[int], prompt_bytes: int) -> "np.ndarray | None":
         """Byte offset of each token's start; None when the lengths do not add up to the prompt's."""

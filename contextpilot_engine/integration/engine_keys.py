@@ -66,17 +66,20 @@ class EngineKeyMap:
         token_ids: Sequence[int],
         page_size: int,
         salt: object = None,
+        parent_canonical: int | None = None,
     ) -> list[int] | None:
         """Register consecutive stored pages; their canonical keys, or None if the parent is unknown.
 
         ``token_ids`` holds the pages' tokens, ``page_size`` each; a parent
         the map never saw (its store was missed) cannot be chained from, so
-        nothing is registered.
+        nothing is registered, unless the caller knows the parent's canonical
+        key from elsewhere (``parent_canonical``, e.g. a page held on another
+        medium).
         """
         if parent_engine_hash is None:
             parent = ROOT_PAGE_KEY
         else:
-            known = self._canon.get(parent_engine_hash)
+            known = self._canon.get(parent_engine_hash, parent_canonical)
             if known is None:
                 return None
             parent = known

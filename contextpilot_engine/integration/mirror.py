@@ -132,11 +132,14 @@ class PageMirror:
         parent_engine_hash: Hashable | None,
         token_ids: Sequence[int],
         salt: object = None,
+        parent_canonical: int | None = None,
     ) -> None:
         """Consecutive pages stored under a parent page (radix caches, KV events)."""
         start = time.perf_counter()
         with self.lock:
-            keys = self.keys.store_chain(engine_hashes, parent_engine_hash, token_ids, self.page_size, salt)
+            keys = self.keys.store_chain(
+                engine_hashes, parent_engine_hash, token_ids, self.page_size, salt, parent_canonical
+            )
             if keys is None:
                 self.unattributed += len(engine_hashes)
                 return

@@ -21,9 +21,10 @@ it without special cases, so every report has exactly :data:`REPORT_KEYS`
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, AsyncIterator
 
-__all__ = ["REPORT_KEYS", "make_report"]
+__all__ = ["REPORT_KEYS", "make_report", "merge_reports", "with_report_in_first_chunk"]
 
 _DEFAULTS: dict[str, Any] = {
     "applied": False,
@@ -53,3 +54,26 @@ def make_report(**fields: Any) -> dict:
     out = dict(_DEFAULTS, order=[])
     out.update(fields)
     return out
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """The response field of a request that rendered one or several prompts."""
+    if len(reports) == 1:
+        return reports[0]
+    return {"applied": any(r.get("applied") for r in reports), "prompts": reports}
+
+
+async def with_report_in_first_chunk(stream: AsyncIterator[Any], payload: dict) -> AsyncIterator[Any]:
+    """Pass a server-sent-events stream through, with ``payload`` as the ``contextpilot`` field of its first chunk."""
+    first = True
+    async for chunk in stream:
+        if first and isinstance(chunk, str) and chunk.startswith("data: ") and not chunk.startswith("data: [DONE]"):
+            first = False
+            try:
+                obj = json.loads(chunk[len("data: ") :])
+                if isinstance(obj, dict):
+                    obj["contextpilot"] = payload
+                    chunk = "data: " + json.dumps(obj) + "\n\n"
+            except ValueError:
+                pass
+        yield chunk

@@ -60,3 +60,24 @@ check_import() {
         die "venv $VENV cannot import $what (see above)"
     fi
 }
+
+# Die unless the base interpreter is Python 3.11 (the locks pin cp311 wheels); $1 names the lock.
+require_python_311() {
+    "$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+        || die "$BASE_PYTHON is $("$BASE_PYTHON" -V 2>&1); $1 needs Python 3.11"
+}
+
+# Point the venv's editable install of this project at the checkout REPO_ROOT: the same venv serves
+# every clone, whose path may differ (cheap; --no-build-isolation needs setuptools>=68 in the venv).
+install_checkout() {
+    run_logged "editable install of $REPO_ROOT" "$PY" -m pip install --no-deps --no-build-isolation \
+        --progress-bar off -e "$REPO_ROOT"
+}
+
+# Create a fresh venv and install the complete pinned lock $1 into it, with --no-deps (resolution
+# was done once, when the lock was written).
+install_lock() {
+    log "creating $VENV from $1 (cold install, a few minutes; log: $LOGFILE)"
+    fresh_venv
+    run_logged "pip install of the lock" "$PY" -m pip install --no-deps --progress-bar off -r "$1"
+}

@@ -1,0 +1,81 @@
+"""Cache-aware admission order on SGLang's real ``SchedulePolicy`` and radix cache.
+
+SGLang's ``lpm`` falls back to first-come-first-served above 128 waiting
+requests; with ``cache_aware_scheduling`` the plugin orders the first
+``scheduling_window`` requests by their cached prefix at any queue length,
+and a request passed over ``max_overtakes`` times goes first.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+
+BASE = list(range(100, 164))  # 64 tokens the tree holds
+SHARED = [0, 10, 60, 30, 0, 50]
+
+
+def make_queue(n: int):
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    queue = []
+    for i in range(n):
+        own = list(range(9000 + 100 * i, 9000 + 100 * i + 40))
+        queue.append(Req(rid=f"r{i}", origin_input_text="", sampling_params=SamplingParams(max_new_tokens=4),
+                         origin_input_ids=array("q", BASE[: SHARED[i % len(SHARED)]] + own)))
+    return queue
+
+
+@pytest.fixture
+def cache(published):
+    from contextpilot_engine.sglang_plugin.testing import insert_tokens, make_cache
+
+    def make(**options):
+        published(**options)
+        tree, alloc = make_cache("rust", 1, slots=4096)
+        insert_tokens(tree, alloc, BASE, 1)
+        return tree
+
+    return make
+
+
+def test_sglang_lpm_gives_up_above_128_waiting_but_ours_does_not(cache):
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    tree = cache()  # contextpilot on, cache-aware scheduling off: SGLang's own policies
+    lpm = make_queue(130)
+    SchedulePolicy("lpm", tree, False, False, False).calc_priority(lpm)
+    assert [r.rid for r in lpm[:6]] == [f"r{i}" for i in range(6)]  # FCFS: SGLang's fallback
+
+    tree = cache(cache_aware_scheduling=True, scheduling_window=12)
+    ours = make_queue(130)
+    SchedulePolicy("fcfs", tree, False, False, False).calc_priority(ours)
+    window = ours[:12]
+    assert [r.prefix_len for r in window] == sorted((r.prefix_len for r in window), reverse=True)
+    assert window[0].prefix_len == 60 and window[0].rid == "r2"
+    assert [r.rid for r in ours[12:]] == [f"r{i}" for i in range(12, 130)]  # beyond the window: untouched
+
+
+def test_aging_bound(cache):
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    tree = cache(cache_aware_scheduling=True, scheduling_window=6, max_overtakes=2)
+    policy = SchedulePolicy("fcfs", tree, False, False, False)
+    queue = make_queue(6)
+    cold = queue[0]  # nothing of r0 is cached: it is passed over
+    for decision in range(3):
+        policy.calc_priority(queue)
+        if decision < 2:
+            assert queue[0] is not cold
+    assert queue[0] is cold  # passed over twice: it goes first now
+
+
+def test_off_by_default(cache):
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    tree = cache()
+    queue = make_queue(6)
+    SchedulePolicy("fcfs", tree, False, False, False).calc_priority(queue)
+    assert [r.rid for r in queue] == [f"r{i}" for i in range(6)]
