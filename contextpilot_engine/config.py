@@ -33,6 +33,15 @@ class PilotConfig:
     max_tenants: int = IndexLimits.max_tenants
     max_tracked_blocks: int = IndexLimits.max_tracked_blocks
     popularity_decay: float = IndexLimits.popularity_decay
+    recent_requests: int = IndexLimits.recent_requests
+    # ---- the process-wide memory budget (see memory_budget.py): every tenant's prefix tree,
+    # popularity and lifetimes and every conversation draw on it, and the bounds above stay upper
+    # limits inside it.  Setting it sets the budget of the whole process (the last one set wins);
+    # None leaves the budget as it is (DEFAULT_BUDGET_MB until some configuration sets it).
+    memory_budget_mb: int | None = None
+    #: the same budget as a count of entries (tree nodes, tracked blocks, remembered blocks and
+    #: chunks, conversations, run lengths); None leaves it as it is (no entry limit by default)
+    memory_budget_entries: int | None = None
     # ---- input limits
     max_blocks_per_context: int = 4096
     # ---- scheduling: in a batch, request i runs at position i + max_delay at the latest (None: no
@@ -69,7 +78,13 @@ class PilotConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        IndexLimits(popularity_decay=self.popularity_decay)  # validates it, naming the option
+        # validate these, naming the option
+        IndexLimits(
+            popularity_decay=self.popularity_decay,
+            recent_requests=self.recent_requests,
+            memory_budget_mb=self.memory_budget_mb,
+            memory_budget_entries=self.memory_budget_entries,
+        )
         d = self.max_delay
         if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 0):
             raise ValueError(f"max_delay: expected an int >= 0 or None, got {d!r}")
@@ -94,7 +109,14 @@ class PilotConfig:
     @property
     def index_limits(self) -> IndexLimits:
         return IndexLimits(
-            self.capacity_tokens, self.max_nodes, self.max_tenants, self.max_tracked_blocks, self.popularity_decay
+            capacity_tokens=self.capacity_tokens,
+            max_nodes=self.max_nodes,
+            max_tenants=self.max_tenants,
+            max_tracked_blocks=self.max_tracked_blocks,
+            popularity_decay=self.popularity_decay,
+            recent_requests=self.recent_requests,
+            memory_budget_mb=self.memory_budget_mb,
+            memory_budget_entries=self.memory_budget_entries,
         )
 
     @classmethod

@@ -19,6 +19,12 @@ Two sources of truth for "is it cached":
   updates the bound nodes at once, so the index is never staler than the
   last event delivered to it.
 
+Every tenant's tree and popularity table draw on one process-wide memory
+budget (:mod:`.memory_budget`), which may ask for least recently used leaves
+and least popular blocks back.  Tree nodes whose pages the engine holds are
+the engine's truth: they are reported (``"mirror"``), never charged and never
+evicted by the budget.  The per-tenant limits below stay upper limits.
+
 All public methods take one lock, so engine threads and request threads may
 call in concurrently.
 """
@@ -31,13 +37,25 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Mapping, Sequence
 
+from .memory_budget import MIB, EvictionRequest, MemoryBudget, Usage, process_budget
+from .popularity import ENTRY_BYTES as POPULARITY_ENTRY_BYTES
 from .popularity import BlockPopularity
-from .trie import BlockTrie, CachedMatch, TrieNode
+from .co_occurrence import ENTRY_BYTES as RECENT_ENTRY_BYTES
+from .co_occurrence import RecentRequests
+from .trie import NODE_BYTES, BlockTrie, CachedMatch, TrieNode
 from .validation import UnknownIdError, check_int, check_name
 
 __all__ = ["ContextIndex", "TenantState", "DEFAULT_TENANT", "IndexLimits"]
 
 DEFAULT_TENANT = "default"
+
+#: approximate resident bytes of one tenant besides its entries (its state, tree and popularity
+#: objects, the popularity table's random sampler), charged while the tenant exists
+TENANT_BYTES = 8192
+#: approximate resident bytes the mirror keeps per page the engine holds, and per page bound to a
+#: node (reported as the ``mirror`` structure, outside the budget)
+CACHED_PAGE_BYTES = 160
+BOUND_PAGE_BYTES = 232
 
 
 @dataclass(frozen=True)
@@ -54,29 +72,55 @@ class IndexLimits:
     max_tracked_blocks: int = 200_000
     #: per-request discount of a block's popularity since it was last requested (1: none)
     popularity_decay: float = 0.97
+    #: a tenant's last requests whose block sets order new requests' uncached blocks (0: off)
+    recent_requests: int = 512
+    #: the process's memory budget in MiB, set by building an index with it (None: leave it as it is)
+    memory_budget_mb: int | None = None
+    #: the process's limit on entries of all structures together (None: leave it as it is)
+    memory_budget_entries: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("capacity_tokens", "max_nodes", "max_tenants", "max_tracked_blocks"):
             check_int(getattr(self, name), name, minimum=1)
+        check_int(self.recent_requests, "recent_requests", minimum=0)
         d = self.popularity_decay
         if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0.0 < d <= 1.0:
             raise ValueError(f"popularity_decay: expected a number in (0, 1], got {d!r}")
+        for name in ("memory_budget_mb", "memory_budget_entries"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
 
 
 class TenantState:
     """Everything the index keeps for one tenant."""
 
-    __slots__ = ("name", "trie", "popularity")
+    __slots__ = ("name", "trie", "popularity", "recent")
 
-    def __init__(self, name: str, trie: BlockTrie, popularity: BlockPopularity):
+    def __init__(self, name: str, trie: BlockTrie, popularity: BlockPopularity, recent: RecentRequests):
         self.name = name
         self.trie = trie
         self.popularity = popularity
+        self.recent = recent
 
 
 class ContextIndex:
-    def __init__(self, limits: IndexLimits | None = None):
+    """The Context Index (see the module docstring).
+
+    Args:
+        limits: the per-tenant bounds; ``memory_budget_mb`` and
+            ``memory_budget_entries``, when set, set the limits of ``budget``.
+        budget: the memory budget the tenants draw on (default: the
+            process-wide one, :func:`.memory_budget.process_budget`).
+    """
+
+    def __init__(self, limits: IndexLimits | None = None, budget: MemoryBudget | None = None):
         self.limits = limits or IndexLimits()
+        self.budget = budget if budget is not None else process_budget()
+        if self.limits.memory_budget_mb is not None:
+            self.budget.configure(max_bytes=self.limits.memory_budget_mb * MIB)
+        if self.limits.memory_budget_entries is not None:
+            self.budget.configure(max_entries=self.limits.memory_budget_entries)
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._tenants: OrderedDict[str, TenantState] = OrderedDict()
@@ -85,6 +129,7 @@ class ContextIndex:
         self._cached: dict[Hashable, int] = {}
         #: canonical page key -> bound (node, position in node.pages) pairs
         self._owners: dict[Hashable, list[tuple[TrieNode, int]]] = {}
+        self.budget.watch("mirror", self._mirror_usage)
 
     # ---------------------------------------------------------------- tenants
     def _new_id(self) -> int:
@@ -98,14 +143,33 @@ class ContextIndex:
             if state is not None:
                 self._tenants.move_to_end(name)
                 return state
-            trie = BlockTrie(self._new_id, self.limits.capacity_tokens, self.limits.max_nodes, self._unbind)
+            limits = self.limits
+            trie_account = self.budget.open("trie", name, self._evict_trie)
+            trie_account.charge(0, TENANT_BYTES)
+            trie = BlockTrie(self._new_id, limits.capacity_tokens, limits.max_nodes, self._unbind, trie_account)
             trie.engine_page_size = self.page_size
-            state = TenantState(name, trie, BlockPopularity(self.limits.max_tracked_blocks, self.limits.popularity_decay))
+            popularity = BlockPopularity(
+                limits.max_tracked_blocks, limits.popularity_decay, self.budget.open("popularity", name,
+                                                                                     self._evict_popularity)
+            )
+            recent = RecentRequests(limits.recent_requests, self.budget.open("recent_requests", name,
+                                                                             self._evict_recent))
+            state = TenantState(name, trie, popularity, recent)
             self._tenants[name] = state
-            while len(self._tenants) > self.limits.max_tenants:
+            while len(self._tenants) > limits.max_tenants:
                 _, old = self._tenants.popitem(last=False)
-                old.trie.clear()
+                self._release(old, "max_tenants")
             return state
+
+    @staticmethod
+    def _release(state: TenantState, reason: str | None) -> None:
+        """Empty a tenant that left the table and give its memory back to the budget."""
+        state.trie.clear(reason)
+        state.popularity.clear(reason)
+        state.recent.clear()
+        for account in (state.trie.account, state.popularity.account, state.recent.account):
+            if account is not None:
+                account.close()
 
     def peek(self, name: str) -> TenantState | None:
         """The state of tenant ``name`` if it exists; unlike :meth:`tenant`, never creates one.
@@ -127,7 +191,67 @@ class ContextIndex:
             state = self._tenants.pop(name, None)
             if state is None:
                 raise UnknownIdError(f"tenant: no tenant named {name!r} in this index")
-            state.trie.clear()
+            self._release(state, None)
+
+    def close(self) -> None:
+        """Forget every tenant and give the index's memory back to the budget."""
+        with self._lock:
+            while self._tenants:
+                _, state = self._tenants.popitem(last=False)
+                self._release(state, None)
+
+    # ---------------------------------------------------------------- budget
+    def _evict_trie(self, tenant: str, request: EvictionRequest) -> None:
+        """The budget's evictor for a tenant's tree: least recently used leaves (never mirrored ones).
+
+        A tenant left with no nodes and no popularity is dropped altogether.
+        """
+        if not self._lock.acquire(blocking=False):
+            return  # in use by another thread: the next settle asks again
+        try:
+            state = self._tenants.get(tenant)
+            if state is None:
+                return
+            state.trie.evict_lru(request.entries, request.bytes, request.reason)
+            if not state.trie.node_count() and not len(state.popularity) and not len(state.recent):
+                del self._tenants[tenant]
+                self._release(state, request.reason)
+        finally:
+            self._lock.release()
+
+    def _evict_popularity(self, tenant: str, request: EvictionRequest) -> None:
+        """The budget's evictor for a tenant's popularity: the same sampled rule as its own bound."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            state = self._tenants.get(tenant)
+            if state is not None:
+                n = max(request.entries, -(-request.bytes // POPULARITY_ENTRY_BYTES))
+                state.popularity.evict_some(n, request.reason)
+        finally:
+            self._lock.release()
+
+    def _evict_recent(self, tenant: str, request: EvictionRequest) -> None:
+        """The budget's evictor for a tenant's recent requests: the oldest go first."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            state = self._tenants.get(tenant)
+            if state is not None:
+                state.recent.evict(max(request.entries, -(-request.bytes // RECENT_ENTRY_BYTES)), request.reason)
+        finally:
+            self._lock.release()
+
+    def _mirror_usage(self) -> Usage:
+        """What the index keeps for the engine's cached pages (outside the budget)."""
+        if self.page_size is None:
+            return Usage(0, 0)
+        with self._lock:
+            mirrored = sum(s.trie.mirrored for s in self._tenants.values())
+            cached, bound = len(self._cached), len(self._owners)
+        return Usage(
+            cached + bound + mirrored, cached * CACHED_PAGE_BYTES + bound * BOUND_PAGE_BYTES + mirrored * NODE_BYTES
+        )
 
     # ----------------------------------------------------------- request path
     def match(
@@ -154,7 +278,10 @@ class ContextIndex:
         with self._lock:
             state = self.tenant(tenant)
             state.popularity.add(k for k, _ in blocks)
-            return state.trie.insert(preamble_key, preamble_tokens, blocks)
+            state.recent.add(k for k, _ in blocks)
+            path = state.trie.insert(preamble_key, preamble_tokens, blocks)
+        self.budget.settle(tenant)
+        return path
 
     def record_many(
         self,
@@ -169,7 +296,9 @@ class ContextIndex:
             state = self.tenant(tenant)
             state.popularity.add_counts(block_counts)
             for blocks in sequences:
+                state.recent.add(k for k, _ in blocks)
                 state.trie.insert(preamble_key, preamble_tokens, blocks)
+        self.budget.settle(tenant)
 
     # ------------------------------------------------------------ engine side
     def attach_engine(self, page_size: int) -> None:
@@ -224,9 +353,11 @@ class ContextIndex:
                 j = max(j, hi)
                 if node.pages != pages:
                     self._rebind(node, pages)
-            return path
+        self.budget.settle(tenant)
+        return path
 
     def _rebind(self, node: TrieNode, pages: tuple[Hashable, ...]) -> None:
+        was_mirrored = bool(node.pages) and node.lead_cached > 0
         if node.pages:
             self._unbind(node)
         node.pages = pages
@@ -241,6 +372,12 @@ class ContextIndex:
             else:
                 counting = False
         node.lead_cached = lead
+        mirrored = bool(pages) and lead > 0
+        if mirrored != was_mirrored and node.trie is not None:
+            if mirrored:
+                node.trie.mirror_started(node)
+            else:
+                node.trie.mirror_ended(node)
 
     def _unbind(self, node: TrieNode) -> None:
         owners = self._owners
@@ -272,6 +409,8 @@ class ContextIndex:
                         while lead < len(pages) and pages[lead] in cached:
                             lead += 1
                         node.lead_cached = lead
+                        if idx == 0 and node.trie is not None:
+                            node.trie.mirror_started(node)
 
     def pages_removed(self, keys: Iterable[Hashable]) -> None:
         """Canonical pages left the engine's cache (one call per copy)."""
@@ -288,6 +427,8 @@ class ContextIndex:
                 for node, idx in owners.get(key, ()):
                     if idx < node.lead_cached:
                         node.lead_cached = idx
+                        if idx == 0 and node.trie is not None:
+                            node.trie.mirror_ended(node)
 
     def pages_cleared(self) -> None:
         """The engine dropped its whole prefix cache."""
@@ -295,7 +436,10 @@ class ContextIndex:
             self._cached.clear()
             for lst in self._owners.values():
                 for node, _ in lst:
-                    node.lead_cached = 0
+                    if node.lead_cached:
+                        node.lead_cached = 0
+                        if node.trie is not None:
+                            node.trie.mirror_ended(node)
 
     # ------------------------------------------------------------- inspection
     def cached_pages(self) -> dict[Hashable, int]:
@@ -327,4 +471,5 @@ class ContextIndex:
                 "engine_cached_pages": len(self._cached) if self.page_size else None,
                 "bound_pages": len(self._owners),
                 "page_size": self.page_size,
+                "mirrored_nodes": sum(s.trie.mirrored for s in self._tenants.values()) if self.page_size else None,
             }

@@ -20,12 +20,17 @@ from __future__ import annotations
 
 from typing import Iterable
 
-__all__ = ["RunLengthOdds", "MAX_RUN", "MIN_OBSERVATIONS", "advance_runs"]
+__all__ = ["RunLengthOdds", "MAX_RUN", "MIN_OBSERVATIONS", "advance_runs", "ODDS_BYTES", "RUN_BYTES"]
 
 #: runs this long or longer share one counter (the odds settle long before)
 MAX_RUN = 32
 #: a run length needs this many observed outcomes before it predicts anything
 MIN_OBSERVATIONS = 8
+
+#: approximate resident bytes of one tenant's odds (two counter lists), and of one block's run
+#: length kept by a conversation; what the memory budget charges for them (rounded up)
+ODDS_BYTES = 2560
+RUN_BYTES = 96
 
 
 class RunLengthOdds:

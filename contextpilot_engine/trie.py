@@ -18,18 +18,35 @@ Whether a node is cached is answered in one of two ways:
   currently holds.  The counts are updated by the owning
   :class:`~contextpilot_engine.index.ContextIndex` as page events arrive.  Node
   count is bounded by ``max_nodes`` with the same LRU leaf rule.
+
+Memory: nodes are charged to the process :mod:`~contextpilot_engine.memory_budget`
+through the trie's account, which may ask for least-recently-used leaves back
+(:meth:`BlockTrie.evict_lru`).  A node whose first page the engine holds
+(*mirrored*) is the engine's truth, sized by the engine's KV cache: it is not
+charged, and the budget never evicts it; such a leaf is set aside (parked)
+until the engine drops its page, so eviction never walks over it again.
 """
 
 from __future__ import annotations
 
 import heapq
 from operator import attrgetter
-from typing import Callable, Hashable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Mapping, Sequence
 
-__all__ = ["TrieNode", "BlockTrie", "CachedMatch", "ROOT_KEY"]
+if TYPE_CHECKING:
+    from .memory_budget import BudgetAccount
+
+__all__ = ["TrieNode", "BlockTrie", "CachedMatch", "ROOT_KEY", "NODE_BYTES"]
 
 #: key of the root node, which no block or preamble ever has (those are non-negative hashes)
 ROOT_KEY = -1
+
+#: approximate resident bytes of one node: the node, its key, its entries in its parent's and the
+#: trie's tables and its eviction-heap entry (measured on CPython 3.11, rounded up)
+NODE_BYTES = 448
+
+#: ``heap_stamp`` of a mirrored leaf set aside by the budget's eviction (not in the heap)
+_PARKED = -2
 
 
 _node_id = attrgetter("id")
@@ -39,10 +56,11 @@ class TrieNode:
     """One block (or the preamble) at one position of one served prefix."""
 
     __slots__ = (
-        "id", "parent", "key", "tokens", "children", "last_access", "visits", "pages", "lead_cached", "heap_stamp"
+        "id", "parent", "key", "tokens", "children", "last_access", "visits", "pages", "lead_cached", "heap_stamp",
+        "trie",
     )
 
-    def __init__(self, node_id: int, parent: "TrieNode | None", key: int, tokens: int):
+    def __init__(self, node_id: int, parent: "TrieNode | None", key: int, tokens: int, trie: "BlockTrie | None" = None):
         self.id = node_id
         self.parent = parent
         self.key = key
@@ -54,8 +72,10 @@ class TrieNode:
         self.pages: tuple[Hashable, ...] | None = None
         #: engine mode: how many of ``pages``, counted from the first, the engine holds
         self.lead_cached = 0
-        #: the stamp of this node's entry in the trie's eviction heap (-1: not in it)
+        #: the stamp of this node's entry in the trie's eviction heap (-1: not in it; -2: parked)
         self.heap_stamp = -1
+        #: the trie holding this node (page events reach nodes without knowing their tenant)
+        self.trie = trie
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"TrieNode(id={self.id}, key={self.key}, tokens={self.tokens}, children={len(self.children)})"
@@ -87,13 +107,20 @@ class BlockTrie:
         capacity_tokens: int,
         max_nodes: int,
         on_drop: Callable[[TrieNode], None] | None = None,
+        account: "BudgetAccount | None" = None,
     ):
         self._new_id = new_id
         self.capacity_tokens = capacity_tokens
         self.max_nodes = max_nodes
         self.engine_page_size: int | None = None  # set when an engine is attached
         self._on_drop = on_drop
-        self.root = TrieNode(new_id(), None, ROOT_KEY, 0)
+        #: the trie's account in the memory budget (None: not accounted)
+        self.account = account
+        #: nodes whose first page the engine holds: not charged, never evicted by the budget
+        self.mirrored = 0
+        #: mirrored leaves taken out of the heap by the budget's eviction, by id
+        self._parked: dict[int, TrieNode] = {}
+        self.root = TrieNode(new_id(), None, ROOT_KEY, 0, self)
         self.nodes: dict[int, TrieNode] = {self.root.id: self.root}
         self.cached_tokens = 0  # model mode: total tokens held by the modelled cache
         self.tick = 0
@@ -233,55 +260,102 @@ class BlockTrie:
         tick = self.tick
         node = self.root
         path: list[TrieNode] = []
+        added = 0
         for key, tokens in ((preamble_key, preamble_tokens), *blocks):
             child = node.children.get(key)
             if child is None:
-                child = TrieNode(self._new_id(), node, key, tokens)
+                child = TrieNode(self._new_id(), node, key, tokens, self)
                 node.children[key] = child
                 self.nodes[child.id] = child
                 self.cached_tokens += tokens
+                added += 1
             child.last_access = tick
             if visit:
                 child.visits += 1
             path.append(child)
             node = child
+        if added and self.account is not None:
+            self.account.charge(added, added * NODE_BYTES)
         self._push(node)
         self._enforce_bounds(protect=node)
         return path
 
-    def remove_subtree(self, node: TrieNode) -> int:
-        """Drop ``node`` and everything below it; returns the number of nodes removed."""
+    def remove_subtree(self, node: TrieNode, reason: str | None = None) -> int:
+        """Drop ``node`` and everything below it; returns the number of nodes removed.
+
+        ``reason`` names the bound that evicted it (counted by the memory
+        budget); None is a plain removal.
+        """
         if node is self.root:
             raise ValueError("the root cannot be removed")
         parent = node.parent
         assert parent is not None
         del parent.children[node.key]
-        removed = 0
+        removed = charged = 0
         stack = [node]
         while stack:
             n = stack.pop()
             stack.extend(n.children.values())
-            self._forget(n)
+            charged += self._forget(n)
             removed += 1
+        if charged and self.account is not None:
+            if reason is None:
+                self.account.charge(-charged, -charged * NODE_BYTES)
+            else:
+                self.account.evicted(reason, charged, charged * NODE_BYTES)
         self._push_if_leaf(parent)
         return removed
 
-    def clear(self) -> None:
+    def clear(self, reason: str | None = None) -> None:
         for child in list(self.root.children.values()):
-            self.remove_subtree(child)
+            self.remove_subtree(child, reason)
         self._lru.clear()
+        self._parked.clear()
         self.root.heap_stamp = -1
 
-    def _forget(self, node: TrieNode) -> None:
+    def _forget(self, node: TrieNode) -> int:
+        """Unlink one node; returns 1 if it was charged to the budget (not mirrored), else 0."""
         del self.nodes[node.id]
         self.cached_tokens -= node.tokens
-        if self._on_drop is not None and node.pages:
-            self._on_drop(node)
+        charged = 1
+        if node.pages:
+            if node.lead_cached:
+                self.mirrored -= 1
+                charged = 0
+            if self._on_drop is not None:
+                self._on_drop(node)
+        if node.heap_stamp == _PARKED:
+            del self._parked[node.id]
         node.children = {}
         node.parent = None
+        node.trie = None
+        return charged
+
+    # ---------------------------------------------------------- mirrored nodes
+    def mirror_started(self, node: TrieNode) -> None:
+        """The engine now holds ``node``'s first page (its lead went from 0 up): no longer charged."""
+        self.mirrored += 1
+        if self.account is not None:
+            self.account.charge(-1, -NODE_BYTES)
+
+    def mirror_ended(self, node: TrieNode) -> None:
+        """The engine dropped ``node``'s first page (its lead went down to 0): charged again, evictable."""
+        self.mirrored -= 1
+        if self.account is not None:
+            self.account.charge(1, NODE_BYTES)
+        if node.heap_stamp == _PARKED:
+            del self._parked[node.id]
+            node.heap_stamp = -1
+            self._push_if_leaf(node)
+
+    @staticmethod
+    def is_mirrored(node: TrieNode) -> bool:
+        return bool(node.pages) and node.lead_cached > 0
 
     def _push(self, node: TrieNode) -> None:
         if node.heap_stamp < 0:
+            if node.heap_stamp == _PARKED:
+                del self._parked[node.id]
             node.heap_stamp = node.last_access
             heapq.heappush(self._lru, (node.last_access, node.id))
 
@@ -293,13 +367,41 @@ class BlockTrie:
         over_capacity = self.engine_page_size is None and self.cached_tokens > self.capacity_tokens
         if not over_capacity and len(self.nodes) - 1 <= self.max_nodes:
             return
+        nodes = self.nodes
+        deferred: list[TrieNode] = []
+
+        def over() -> str | None:
+            if self.engine_page_size is None and self.cached_tokens > self.capacity_tokens:
+                return "capacity_tokens"
+            return "max_nodes" if len(nodes) - 1 > self.max_nodes else None
+
+        reason = over()
+        while reason is not None:
+            node = self._pop_lru_leaf()
+            if node is None:
+                break
+            if node is protect:  # the path just served is evicted last
+                deferred.append(node)
+                continue
+            self.remove_subtree(node, reason)
+            reason = over()
+        for node in deferred:
+            self._push(node)
+        # the per-tenant bounds are upper limits even for mirrored leaves the budget set aside
+        while reason is not None and self._parked:
+            node = next(iter(self._parked.values()))
+            del self._parked[node.id]
+            node.heap_stamp = -1
+            if node.children or node is protect:
+                continue
+            self.remove_subtree(node, reason)
+            reason = over()
+
+    def _pop_lru_leaf(self) -> TrieNode | None:
+        """The least recently used leaf, taken out of the heap (None when the heap is empty)."""
         heap = self._lru
         nodes = self.nodes
-        deferred: list[tuple[int, int]] = []
-        while heap and (
-            (self.engine_page_size is None and self.cached_tokens > self.capacity_tokens)
-            or len(nodes) - 1 > self.max_nodes
-        ):
+        while heap:
             stamp, node_id = heapq.heappop(heap)
             node = nodes.get(node_id)
             if node is None:
@@ -311,12 +413,28 @@ class BlockTrie:
                 node.heap_stamp = node.last_access
                 heapq.heappush(heap, (node.last_access, node_id))
                 continue
-            if node is protect:  # the path just served is evicted last
-                deferred.append((stamp, node_id))
+            node.heap_stamp = -1
+            return node
+        return None
+
+    def evict_lru(self, entries: int, nbytes: int, reason: str) -> int:
+        """The budget's eviction: drop least recently used leaves until ``entries`` nodes and ``nbytes``
+        bytes are freed (or no leaf is left); mirrored leaves are parked instead.  Returns nodes freed.
+
+        The work is proportional to what is freed plus the stale heap entries it meets, each of
+        which it settles for good (re-pushed with its newer stamp, or parked).
+        """
+        freed = 0
+        while freed < entries or freed * NODE_BYTES < nbytes:
+            node = self._pop_lru_leaf()
+            if node is None:
+                break
+            if node.pages and node.lead_cached:
+                node.heap_stamp = _PARKED
+                self._parked[node.id] = node
                 continue
-            self.remove_subtree(node)
-        for entry in deferred:
-            heapq.heappush(heap, entry)
+            freed += self.remove_subtree(node, reason)
+        return freed
 
     # ------------------------------------------------------------- inspection
     def path_keys(self, node: TrieNode) -> list[int]:

@@ -22,7 +22,19 @@ Names follow the engines' ``prefix:name`` style:
   engine process to its application on the request side (cross-process
   mirrors only);
 * ``contextpilot:request_overhead_seconds``: what the request path adds
-  between receiving a request and handing its tokens to the engine.
+  between receiving a request and handing its tokens to the engine;
+* ``contextpilot:memory_budget_bytes`` (and ``..._budget_entries`` when an
+  entry limit is set), ``contextpilot:memory_used_bytes{structure}``,
+  ``contextpilot:memory_used_entries{structure}`` and
+  ``contextpilot:memory_evictions_total{structure,reason}``: the process
+  memory budget (:mod:`contextpilot_engine.memory_budget`), read when
+  ``/metrics`` is scraped.  The ``mirror`` structure (the engine's cached
+  pages) is reported but lies outside the budget.
+
+The budget's figures are gauges of the moment, so they come from a collector
+that reads the budget at scrape time rather than from values pushed on the
+request path; a collector is not exported by ``prometheus_client``'s
+multiprocess mode, where those metrics are absent.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import threading
 from typing import Any, Mapping
 
 __all__ = [
+    "BudgetCollector",
     "count_request",
     "count_rewrite",
     "count_failure",
@@ -81,7 +94,53 @@ def _get() -> dict[str, Any] | None:
                                   "Time the request path adds before the engine gets the prompt's tokens.",
                                   buckets=_OVERHEAD_BUCKETS),
         }
+        try:
+            from prometheus_client import REGISTRY
+
+            REGISTRY.register(BudgetCollector())
+        except ValueError:  # already registered (a module reloaded): the first collector reports
+            pass
         return _metrics
+
+
+class BudgetCollector:
+    """Reads a memory budget when the registry is scraped (default: the process budget)."""
+
+    def __init__(self, budget: Any = None):
+        self._budget = budget
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from contextpilot_engine.memory_budget import process_budget
+
+        stats = (self._budget or process_budget()).stats()
+        p = "contextpilot:"
+        if stats["limit_bytes"] is not None:
+            yield GaugeMetricFamily(p + "memory_budget_bytes", "The process memory budget, in bytes.",
+                                    value=stats["limit_bytes"])
+        if stats["limit_entries"] is not None:
+            yield GaugeMetricFamily(p + "memory_budget_entries", "The process memory budget, in entries.",
+                                    value=stats["limit_entries"])
+        used_b = GaugeMetricFamily(p + "memory_used_bytes",
+                                   "Approximate resident bytes per structure (mirror: outside the budget).",
+                                   labels=["structure"])
+        used_e = GaugeMetricFamily(p + "memory_used_entries",
+                                   "Entries per structure (mirror: outside the budget).", labels=["structure"])
+        for name, use in stats["structures"].items():
+            used_b.add_metric([name], use["bytes"])
+            used_e.add_metric([name], use["entries"])
+        yield used_b
+        yield used_e
+        evictions = CounterMetricFamily(p + "memory_evictions", "Entries evicted, by structure and reason.",
+                                        labels=["structure", "reason"])
+        for name, reasons in stats["evictions"].items():
+            for reason, count in reasons.items():
+                evictions.add_metric([name, reason], count["entries"])
+        yield evictions
+
+    def describe(self) -> Any:
+        return []  # names are known only when scraped; nothing to check them against at registration
 
 
 def available() -> bool:
