@@ -4,14 +4,16 @@
    the cached path spelled by the request's blocks that hits the most tokens
    (:meth:`.trie.BlockTrie.match_cached`); those blocks go first, in the
    cached order, so the engine reuses their KV.
-2. Then the rest in *canonical popularity order*: most requested tokens
+2. Then the blocks that recent requests held together with everything placed
+   so far (:mod:`.co_occurrence`): a later request reuses this prompt only
+   as far as it holds every block up to that point, so the tail follows what
+   requests on the same topic keep retrieving together.
+3. Then the rest in *canonical popularity order*: most requested tokens
    first (requests that contained the block x its tokens, per tenant), then
-   longer blocks, then by content hash.  Two later
-   requests that share popular blocks therefore spell the same prefix, even
-   before either is cached, which is what lets the next request reuse this
-   one.
-
-3. Blocks the conversation is likely to drop before its next turn
+   longer blocks, then by content hash.  Two later requests that share
+   popular blocks therefore spell the same prefix, even before either is
+   cached, which is what lets the next request reuse this one.
+4. Blocks the conversation is likely to drop before its next turn
    (:mod:`.lifetimes`) go after the rest, still in canonical order: the next
    turn can only reuse this prompt up to the first block that has left.
 
@@ -70,16 +72,31 @@ def cached_prefix(
 
 
 def order_rest(
-    index: ContextIndex, tenant: str, blocks: Sequence[Block], rest: Sequence[int], last: Collection[int] = ()
+    index: ContextIndex,
+    tenant: str,
+    blocks: Sequence[Block],
+    rest: Sequence[int],
+    last: Collection[int] = (),
+    placed: Sequence[int] = (),
 ) -> list[int]:
-    """The blocks after the cached prefix: canonical popularity order, those in ``last`` after the others."""
+    """The blocks after the cached prefix ``placed`` (input indices).
+
+    Blocks that recent requests held together with the prefix first
+    (:meth:`.co_occurrence.RecentRequests.extend`), then canonical
+    popularity order; those in ``last`` after all the others.
+    """
     state = index.peek(tenant)
     popularity = state.popularity if state else _NO_POPULARITY
+    recent = getattr(state, "recent", None)
+    staying = [i for i in rest if i not in last] if last else list(rest)
+    if recent is not None and len(recent) and staying:
+        by_evidence, staying = recent.extend(blocks, [blocks[i].key for i in placed], staying)
+    else:
+        by_evidence = []
+    out = by_evidence + canonical_order(blocks, staying, popularity)
     if last:
-        staying = [i for i in rest if i not in last]
-        leaving = [i for i in rest if i in last]
-        return canonical_order(blocks, staying, popularity) + canonical_order(blocks, leaving, popularity)
-    return canonical_order(blocks, rest, popularity)
+        out += canonical_order(blocks, [i for i in rest if i in last], popularity)
+    return out
 
 
 def order_online(
@@ -91,4 +108,4 @@ def order_online(
     part of the cached prefix (those likely to leave the conversation).
     """
     prefix, rest, hit = cached_prefix(index, tenant, preamble_key, blocks)
-    return prefix + order_rest(index, tenant, blocks, rest, last), hit
+    return prefix + order_rest(index, tenant, blocks, rest, last, prefix), hit
