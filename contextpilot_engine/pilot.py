@@ -30,7 +30,7 @@ from .index import ContextIndex
 from .kernels import OverlapBackend, select_backend
 from .prompt_copies import PromptCopies
 from .prompts import Preamble, PromptLayout, position_labels, render_messages
-from .request_pipeline import ServedPrompt, serve_request
+from .request_pipeline import GroupRequest, PendingRequest, ServedPrompt, serve_group, serve_request
 from .validation import (
     check_int,
     check_name,
@@ -84,6 +84,7 @@ class ContextPilot:
         self.count_tokens = _token_counter(tokenizer)
         self.backend: OverlapBackend = select_backend(use_gpu, strict=strict_gpu)
         self.index = index or ContextIndex(self.config.index_limits)
+        self._owns_index = index is None  # reset() gives an index it made back to the memory budget
         self.conversations = self._new_conversations()
         self.layout = PromptLayout(self.config.instruction)
         self._lock = threading.RLock()
@@ -98,6 +99,7 @@ class ContextPilot:
             cfg.chunk_hint_template,
             cfg.chunk_min_tokens,
             cfg.chunk_target_words,
+            budget=self.index.budget,
         )
 
     def _tenant(self, tenant: str | None) -> str:
@@ -195,6 +197,51 @@ class ContextPilot:
                 self.index, self.conversations, self.layout, self.config, self.count_tokens, name,
                 self._preamble(system_instruction), list(blocks), query, turn, copies,
             )
+
+    def serve_group(self, requests: Sequence[PendingRequest]) -> tuple[list["ServedPrompt"], list[int]]:
+        """:meth:`serve` for requests that arrived together; returns them (input order) and an admission order.
+
+        Requests without a conversation are planned jointly, like
+        :meth:`optimize_batch` (each keeps its cached prefix first), and the
+        admission order (input indices) runs those that share a prefix back
+        to back; submitting them to the engine in that order is what lets
+        each reuse the KV of the one before.  Requests in a conversation are
+        served one by one, first, as :meth:`serve` would.  Every request is
+        validated before any is served: a bad one raises and changes nothing.
+        """
+        checked = []
+        for n, r in enumerate(requests):
+            if not isinstance(r, PendingRequest):
+                raise TypeError(f"requests[{n}]: expected a PendingRequest, got {type(r).__name__}")
+            cid = check_name(r.conversation_id, f"requests[{n}].conversation_id", allow_none=True)
+            check_optional_str(r.system_instruction, f"requests[{n}].system_instruction")
+            checked.append((cid, self._tenant(r.tenant)))
+        with self._lock:
+            served: list = [None] * len(requests)
+            admission: list[int] = []
+            grouped: list[int] = []
+            for n, (r, (cid, name)) in enumerate(zip(requests, checked)):
+                if cid is None:
+                    grouped.append(n)
+                    continue
+                turn = self.conversations.check(name, cid, r.blocks, self.count_tokens, deduplicate=False)
+                served[n] = serve_request(
+                    self.index, self.conversations, self.layout, self.config, self.count_tokens, name,
+                    self._preamble(r.system_instruction), list(r.blocks), r.query, turn, r.copies,
+                )
+                admission.append(n)
+            group = [
+                GroupRequest(checked[n][1], self._preamble(requests[n].system_instruction), list(requests[n].blocks),
+                             requests[n].query)
+                for n in grouped
+            ]
+            group_served, group_order = serve_group(
+                self.index, self.conversations, self.layout, self.config, self.count_tokens, self.backend, group
+            )
+            for g, n in enumerate(grouped):
+                served[n] = group_served[g]
+            admission.extend(grouped[g] for g in group_order)
+        return served, admission
 
     # ------------------------------------------------------------- offline
     def optimize_batch(
@@ -337,7 +384,11 @@ class ContextPilot:
         """Forget the index and conversations of one tenant (or of all, when ``tenant`` is None)."""
         with self._lock:
             if tenant is None:
-                self.index = ContextIndex(self.config.index_limits)
+                self.conversations.close()
+                if self._owns_index:
+                    self.index.close()
+                self.index = ContextIndex(self.config.index_limits, budget=self.index.budget)
+                self._owns_index = True
                 self.conversations = self._new_conversations()
                 return
             name = check_name(tenant, "tenant")
@@ -346,8 +397,15 @@ class ContextPilot:
             self.conversations.forget_tenant(name)  # type: ignore[arg-type]
 
     def stats(self) -> dict:
+        """Index and conversation counts, and ``memory``: the process budget's limits, use per
+        structure and evictions by reason (:meth:`.memory_budget.MemoryBudget.stats`)."""
         with self._lock:
-            return {**self.index.stats(), "conversations": len(self.conversations), "backend": self.backend.name}
+            return {
+                **self.index.stats(),
+                "conversations": len(self.conversations),
+                "backend": self.backend.name,
+                "memory": self.index.budget.stats(),
+            }
 
 
 def _token_counter(tokenizer: Any) -> Callable[[str], int]:

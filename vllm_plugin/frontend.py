@@ -12,7 +12,11 @@ is configured in it; inert for engines without the plugin):
   messages, then binds the served token ids to the Context Index.  To locate
   block boundaries without a second tokenization it asks vLLM's own
   tokenizer call for token offsets (``TokenizeParams.return_token_offsets``)
-  and removes them again from the engine input afterwards.
+  and removes them again from the engine input afterwards.  On the OpenAI
+  server, requests that arrive together go through the integration layer's
+  arrival window (:mod:`contextpilot_engine.integration.arrivals`): they
+  are planned jointly and return from rendering in the planned admission
+  order.
 * ``vllm.entrypoints.openai.chat_completion.serving.OpenAIServingChat.create_chat_completion``:
   reads the ``contextpilot`` body field and the ``X-ContextPilot-*``
   headers, answers a malformed field with HTTP 400, hands the parsed request
@@ -28,7 +32,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from contextpilot_engine.integration import rewriting
+from contextpilot_engine.integration import arrivals, rewriting
 from contextpilot_engine.integration.failopen import call_safely, logger, once, report_failure
 from contextpilot_engine.integration.reports import merge_reports, with_report_in_first_chunk
 from contextpilot_engine.integration.requests import ContextPilotRequestError, RequestSpec, spec_from_http
@@ -92,6 +96,27 @@ def _prepare(renderer: Any, conversations: Any, tok_params: Any) -> _Render | No
         getattr(renderer, "tokenizer", None),
         online.reports if online is not None else None,
     )
+    return _render_for(renderer, prepared, tok_params)
+
+
+async def _arrive(renderer: Any, conversations: Any, tok_params: Any) -> tuple[_Render | None, arrivals.Ticket | None]:
+    """:func:`_prepare` through the arrival window: requests arriving together are planned together."""
+    state = call_safely("setup_error", state_for_renderer, renderer)
+    if state is None:
+        return None, None
+    online = _online.get()
+    ticket = await arrivals.window_for(state).arrive(
+        state,
+        conversations,
+        online.spec if online is not None else None,
+        getattr(renderer, "tokenizer", None),
+        online.reports if online is not None else None,
+    )
+    return _render_for(renderer, ticket.prepared, tok_params), ticket
+
+
+def _render_for(renderer: Any, prepared: rewriting.Prepared | None, tok_params: Any) -> _Render | None:
+    """The render call's plan in vLLM's terms (asking for token offsets when binding needs them)."""
     if prepared is None:
         return None
     added = False
@@ -156,19 +181,23 @@ def _wrap_render_chat(orig):
 
 def _wrap_render_chat_async(orig):
     async def render_chat_async(self, conversations, chat_params, tok_params=None, **kwargs):
-        render = _prepare(self, conversations, tok_params)
-        if render is None:
-            return await orig(self, conversations, chat_params, tok_params, **kwargs)
+        render, ticket = await _arrive(self, conversations, tok_params)
         try:
-            result = await orig(self, render.prepared.conversations, chat_params, render.tok_params, **kwargs)
-        except ContextPilotRequestError:
-            raise
-        except Exception as exc:  # see render_chat
-            result = await orig(self, _as_sent(render, conversations), chat_params, tok_params, **kwargs)
-            _rejected(render, exc)
-            render.added_offsets = False
-        call_safely("bind_error", _finish, self, render, result[1])
-        return result
+            if render is None:
+                return await orig(self, conversations, chat_params, tok_params, **kwargs)
+            try:
+                result = await orig(self, render.prepared.conversations, chat_params, render.tok_params, **kwargs)
+            except ContextPilotRequestError:
+                raise
+            except Exception as exc:  # see render_chat
+                result = await orig(self, _as_sent(render, conversations), chat_params, tok_params, **kwargs)
+                _rejected(render, exc)
+                render.added_offsets = False
+            call_safely("bind_error", _finish, self, render, result[1])
+            return result
+        finally:
+            if ticket is not None:
+                await ticket.finish()  # reach the engine in the planned admission order
 
     return render_chat_async
 

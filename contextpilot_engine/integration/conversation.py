@@ -33,15 +33,18 @@ from typing import TYPE_CHECKING, Any, Sequence
 from contextpilot_engine.blocks import Block
 from contextpilot_engine.prompt_copies import PromptCopies
 from contextpilot_engine.prompts import Preamble, as_given_system
+from contextpilot_engine.request_pipeline import PendingRequest, ServedPrompt
 
 from .reports import make_report
 from .requests import ContextPilotRequestError, RequestSpec, parse_spec
 
 if TYPE_CHECKING:
+    from contextpilot_engine.config import PilotConfig
     from contextpilot_engine.pilot import ContextPilot
 
-__all__ = ["Plan", "plan_conversation", "fallback_conversation", "strip_message_specs", "text_of",
-           "DOCUMENT_PATTERN"]
+__all__ = ["Plan", "RequestContext", "find_context", "plan_conversation", "plan_conversations",
+           "pending_conversation", "plan_from_served", "fallback_conversation",
+           "strip_message_specs", "text_of", "DOCUMENT_PATTERN"]
 
 #: implicit documents: ``<document>text</document>`` or ``<document id="x">text</document>``
 DOCUMENT_PATTERN = re.compile(r"<document(?:\s+id\s*=\s*\"([^\"]*)\")?\s*>(.*?)</document>", re.S)
@@ -128,18 +131,46 @@ _DOCUMENT_OPEN = re.compile(r"<document(?:\s+id\s*=\s*\"([^\"]*)\")?\s*>")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
-def plan_conversation(
-    pilot: "ContextPilot",
-    messages: Sequence[Any],
-    spec: RequestSpec | None,
-    implicit_documents: bool,
-) -> Plan | None:
-    """Rewrite one conversation; None when it carries no context blocks (serve it unchanged).
+@dataclass(frozen=True)
+class RequestContext:
+    """The context blocks one conversation carries, found but not yet planned.
 
-    ``spec`` is the request-level spec (server); a message-level one is
-    looked for when it is None.  Raises :class:`ContextPilotRequestError`
-    for malformed client data; any other exception is a bug of ours, which
-    the caller turns into a fail-open.
+    What :func:`plan_conversation` rewrites, and what a router needs to ask
+    each replica's index how much of the request it caches (under any order
+    of the blocks) before choosing one: finding the blocks reads no index and
+    changes no state.
+    """
+
+    #: the messages without ``contextpilot`` keys
+    clean: list
+    #: ``contextpilot`` values removed from messages, by message index
+    message_specs: list
+    #: the effective spec (the request's, else the one a message carried)
+    spec: RequestSpec | None
+    #: the blocks as the client gave them (strings or ``{"text", "id"}`` objects)
+    docs: list
+    #: the caller's system text (for implicit documents, without the ``<document>`` elements)
+    instruction: str | None
+    #: ``explicit`` or ``implicit``
+    source: str
+    #: how the blocks were named, for error messages
+    where: str
+    #: the messages after the system message
+    rest: list
+    #: the last user message's text
+    query: str
+
+
+def find_context(
+    config: "PilotConfig", messages: Sequence[Any], spec: RequestSpec | None, implicit_documents: bool
+) -> "RequestContext | Plan | None":
+    """The blocks a conversation carries (see the module docstring), without planning anything.
+
+    Returns a :class:`RequestContext`; or a finished :class:`Plan` when the
+    conversation is to be served without a rewrite but not exactly as sent
+    (the request opted out, its system message is not text, or only a
+    message field is to be dropped); or None (no blocks: serve it unchanged).
+    Raises :class:`ContextPilotRequestError` for malformed client data.
     """
     clean, found = strip_message_specs(messages)
     if not clean:
@@ -151,9 +182,9 @@ def plan_conversation(
                 f"(messages {[i for i, _ in found]})"
             )
         i, value = found[0]
-        spec = parse_spec(value, f"messages[{i}].contextpilot", pilot.config.max_blocks_per_context)
+        spec = parse_spec(value, f"messages[{i}].contextpilot", config.max_blocks_per_context)
     if spec is not None and not spec.enabled:
-        as_given = fallback_conversation(clean, spec, pilot.config.instruction)
+        as_given = fallback_conversation(clean, spec, config.instruction)
         report = make_report(reason="disabled_by_request", tenant=spec.tenant, conversation_id=spec.conversation_id)
         return Plan(as_given, report, tenant=spec.tenant or "")
 
@@ -162,7 +193,7 @@ def plan_conversation(
     system_text = text_of(first.get("content")) if has_system else None
     if spec is not None and spec.contexts is not None:
         if has_system and system_text is None:
-            return Plan(fallback_conversation(clean, spec, pilot.config.instruction),
+            return Plan(fallback_conversation(clean, spec, config.instruction),
                         make_report(reason="system_not_text", source="explicit"))
         docs, instruction, source = spec.contexts, system_text, "explicit"
         where = f"{spec.where}.contexts"
@@ -181,31 +212,103 @@ def plan_conversation(
         if isinstance(msg, dict) and msg.get("role") == "user":
             query = text_of(msg.get("content")) or ""
             break
+    return RequestContext(clean, found, spec, list(docs), instruction, source, where, list(rest), query)
 
+
+def plan_conversation(
+    pilot: "ContextPilot",
+    messages: Sequence[Any],
+    spec: RequestSpec | None,
+    implicit_documents: bool,
+) -> Plan | None:
+    """Rewrite one conversation; None when it carries no context blocks (serve it unchanged).
+
+    ``spec`` is the request-level spec (server); a message-level one is
+    looked for when it is None.  Raises :class:`ContextPilotRequestError`
+    for malformed client data; any other exception is a bug of ours, which
+    the caller turns into a fail-open.
+    """
+    found = pending_conversation(pilot, messages, spec, implicit_documents)
+    if not isinstance(found, tuple):
+        return found
+    context, request = found
+    return plan_from_served(context, pilot.serve(
+        request.blocks, request.query, conversation_id=request.conversation_id,
+        system_instruction=request.system_instruction, tenant=request.tenant, copies=request.copies,
+    ))
+
+
+def plan_conversations(
+    pilot: "ContextPilot",
+    items: Sequence[tuple[Sequence[Any], RequestSpec | None]],
+    implicit_documents: bool,
+) -> tuple[list, list[int]]:
+    """Rewrite conversations that arrived together, planned jointly (:meth:`ContextPilot.serve_group`).
+
+    ``items`` are ``(messages, request-level spec)`` pairs.  Returns, in input
+    order, what :func:`plan_conversation` would return for each (a
+    :class:`Plan` or None), or the :class:`ContextPilotRequestError` that
+    item's client data raised (the other items are still planned); and the
+    admission order (input indices), which runs the conversations whose
+    prompts share a prefix back to back.  Any other exception is ours.
+    """
+    results: list = [None] * len(items)
+    pending: list[tuple[int, RequestContext, PendingRequest]] = []
+    for n, (messages, spec) in enumerate(items):
+        try:
+            found = pending_conversation(pilot, messages, spec, implicit_documents)
+        except ContextPilotRequestError as exc:
+            results[n] = exc
+            continue
+        if isinstance(found, tuple):
+            pending.append((n, found[0], found[1]))
+        else:
+            results[n] = found
+    served, admission = pilot.serve_group([request for _, _, request in pending])
+    for (n, context, _), one in zip(pending, served):
+        results[n] = plan_from_served(context, one)
+    order = [pending[a][0] for a in admission]
+    planned = set(order)
+    return results, order + [n for n in range(len(items)) if n not in planned]
+
+
+def pending_conversation(
+    pilot: "ContextPilot", messages: Sequence[Any], spec: RequestSpec | None, implicit_documents: bool
+) -> "tuple[RequestContext, PendingRequest] | Plan | None":
+    """The conversation's blocks parsed into a request to serve, or what to do instead (see :func:`find_context`)."""
+    found = find_context(pilot.config, messages, spec, implicit_documents)
+    if not isinstance(found, RequestContext):
+        return found
+    spec = found.spec
     try:
-        blocks = pilot.parse_docs(docs, where)
+        blocks = pilot.parse_docs(found.docs, found.where)
     except (TypeError, ValueError) as exc:
-        if source == "implicit":
-            return _untouched(clean, found, spec)
+        if found.source == "implicit":
+            return _untouched(found.clean, found.message_specs, spec)
         raise ContextPilotRequestError(str(exc)) from None
-
     cid = spec.conversation_id if spec else None
-    served = pilot.serve(
+    request = PendingRequest(
         blocks,
-        query or "-",
+        found.query or "-",
         conversation_id=cid,
-        system_instruction=instruction or None,
+        system_instruction=found.instruction or None,
         tenant=spec.tenant if spec else None,
         # the served prompt is [system, *rest]: message numbers start at 2
-        copies=PromptCopies.from_messages(rest, first_number=2) if cid else None,
+        copies=PromptCopies.from_messages(found.rest, first_number=2) if cid else None,
     )
+    return found, request
+
+
+def plan_from_served(context: RequestContext, served: ServedPrompt) -> Plan:
+    """The rewritten conversation around one served prompt, with its report."""
+    spec = context.spec
     system = served.messages[0]
-    new_messages = [dict(system)] + list(rest)
+    new_messages = [dict(system)] + list(context.rest)
     report = make_report(
         applied=True,
-        source=source,
+        source=context.source,
         tenant=served.tenant,
-        conversation_id=cid,
+        conversation_id=spec.conversation_id if spec else None,
         turn=served.turn,
         **served.report,
     )

@@ -65,6 +65,12 @@ class PluginOptions:
     max_overtakes: int = 8
     #: waiting requests examined per scheduling decision (bounds the cost of the lookup)
     scheduling_window: int = 32
+    #: requests arriving within this many ms of each other are planned together (0: each alone)
+    arrival_window_ms: float = 2.0
+    #: a group of arrivals waits at most this long for more before it is planned
+    arrival_max_wait_ms: float = 50.0
+    #: a group of arrivals is planned once it holds this many requests
+    arrival_max_group: int = 512
     #: core options (PilotConfig), validated by PilotConfig itself
     pilot: PilotConfig = field(default_factory=PilotConfig)
 
@@ -74,10 +80,14 @@ class PluginOptions:
                 raise OptionError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.channel not in ("auto", "off"):
             raise OptionError(f"channel: expected 'auto' or 'off', got {self.channel!r}")
-        for name, minimum in (("max_overtakes", 0), ("scheduling_window", 1)):
+        for name, minimum in (("max_overtakes", 0), ("scheduling_window", 1), ("arrival_max_group", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise OptionError(f"{name}: expected an int >= {minimum}, got {value!r}")
+        for name in ("arrival_window_ms", "arrival_max_wait_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 10_000:
+                raise OptionError(f"{name}: expected a number of milliseconds in [0, 10000], got {value!r}")
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -130,11 +140,25 @@ OPTION_HELP = {
     "max_overtakes": "Aging bound of cache-aware scheduling: a waiting request is overtaken at most this many "
     "times (default: 8).",
     "scheduling_window": "Waiting requests examined per cache-aware scheduling decision (default: 32).",
+    "arrival_window_ms": "Requests that reach the server within this many milliseconds of each other (a client "
+    "sending a batch at once) are planned together, like optimize_batch, and admitted in the planned order; a "
+    "request with no other in that window is never held (0 turns it off; default: 2).",
+    "arrival_max_wait_ms": "Longest a group of concurrent arrivals waits for more requests before it is planned "
+    "(default: 50).",
+    "arrival_max_group": "A group of concurrent arrivals is planned as soon as it holds this many requests "
+    "(default: 512).",
     "capacity_tokens": "Tokens one tenant's modelled cache holds (used only before the engine's mirror is attached).",
     "max_nodes": "Prefix-tree nodes kept per tenant.",
     "max_tenants": "Tenants kept at once (least recently used dropped first).",
     "max_tracked_blocks": "Blocks whose popularity each tenant tracks.",
     "popularity_decay": "Per-request discount of a block's popularity since it was last requested (1: none).",
+    "recent_requests": "A tenant's last requests whose blocks, held together, order a new request's uncached "
+    "blocks (0: popularity only).",
+    "memory_budget_mb": "Memory budget of the whole process in MiB, shared by every tenant's prefix tree, "
+    "popularity and lifetimes and every conversation; unset keeps the process's budget (1024 MiB unless set "
+    "elsewhere).",
+    "memory_budget_entries": "The same budget as a count of entries of all structures together ('none': no "
+    "entry limit).",
     "max_blocks_per_context": "Most context blocks accepted in one request.",
     "max_delay": "Batch scheduling bound of the library's offline API (int, or 'none').",
     "deduplicate": "With a conversation id, replace a block whose full text is already elsewhere in the prompt by "
@@ -208,7 +232,7 @@ def flag_specs() -> list[tuple[str, Any, str]]:
     core_defaults = PilotConfig.defaults()
     for f in fields(PilotConfig):
         default = core_defaults[f.name]
-        if f.name == "max_delay":
+        if f.name == "max_delay" or default is None:  # an int, or none
             convert: Any = _optional_int
         elif isinstance(default, tuple):
             convert = _str_list

@@ -15,6 +15,8 @@ it without special cases, so every report has exactly :data:`REPORT_KEYS`
 * ``blocks``, ``blocks_moved``, ``blocks_deduplicated``,
   ``tokens_saved_by_dedup``, ``expected_cached_tokens``;
 * ``order``: the input indices of the blocks sent, in prompt order;
+* ``planned_with``: how many other requests that arrived together with
+  this one were planned jointly with it (0: planned alone);
 * ``bound``: the served prompt was tied to the index (false: it cannot help
   later requests).
 """
@@ -40,6 +42,7 @@ _DEFAULTS: dict[str, Any] = {
     "tokens_saved_by_dedup": 0,
     "expected_cached_tokens": 0,
     "order": [],
+    "planned_with": 0,
     "bound": False,
 }
 REPORT_KEYS = tuple(_DEFAULTS)

@@ -3,7 +3,7 @@
 An adapter calls, around the engine's own chat rendering:
 
 1. :func:`prepare` with the conversations about to be rendered: each is
-   rewritten (:func:`.conversation.plan_conversation`); None means "render
+   rewritten (:func:`.conversation.plan_conversations`); None means "render
    them exactly as sent".  Malformed client data raises
    :class:`~.requests.ContextPilotRequestError` (the adapter answers 400);
    any other exception is ours and fails open: the conversations come back
@@ -34,14 +34,14 @@ from typing import Any, Sequence
 
 from . import metrics
 from .binding import bind_served_prompt, locate_blocks
-from .conversation import Plan, fallback_conversation, plan_conversation
+from .conversation import Plan, fallback_conversation, plan_conversations
 from .engine_keys import page_salt
 from .failopen import call_safely, logger, report_failure
 from .reports import make_report
 from .requests import ContextPilotRequestError, RequestSpec
 from .state import EngineState
 
-__all__ = ["Prepared", "ServedTokens", "prepare", "finish", "rejected", "as_sent", "tenant_cache_salt"]
+__all__ = ["Arrival", "Prepared", "ServedTokens", "prepare", "prepare_group", "finish", "rejected", "as_sent", "tenant_cache_salt"]
 
 
 @dataclass
@@ -106,6 +106,16 @@ def as_sent(conversations: Sequence[Any], spec: RequestSpec | None, instruction:
     ]
 
 
+@dataclass
+class Arrival:
+    """One render call's conversations, waiting to be planned with others (:func:`prepare_group`)."""
+
+    conversations: Sequence[Any]
+    spec: RequestSpec | None
+    #: the per-request report list the adapter turns into the response field
+    sink: list | None = None
+
+
 def prepare(
     state: EngineState,
     conversations: Sequence[Any],
@@ -113,30 +123,76 @@ def prepare(
     tokenizer: Any,
     sink: list | None = None,
 ) -> Prepared | None:
-    """Plan every conversation; None means "render them unchanged"."""
+    """Plan every conversation; None means "render them unchanged".
+
+    The conversations of one call are planned jointly, like the arrivals of
+    :func:`prepare_group`, but keep their order (the engine answers them in
+    the order given).
+    """
+    result = prepare_group(state, [Arrival(conversations, spec, sink)], tokenizer)[0][0]
+    if isinstance(result, ContextPilotRequestError):
+        raise result
+    return result
+
+
+def prepare_group(
+    state: EngineState, arrivals: Sequence[Arrival], tokenizer: Any
+) -> tuple[list, list[int]]:
+    """Plan render calls that arrived together; their results and an admission order.
+
+    All their conversations are planned jointly
+    (:func:`.conversation.plan_conversations`), so blocks shared across
+    requests form a common prefix.  Each arrival's result is what
+    :func:`prepare` returns for it (a :class:`Prepared` or None), or the
+    :class:`ContextPilotRequestError` its client data raised (the adapter
+    answers that request with 400; the others go on).  The admission order
+    (indices into ``arrivals``) runs the requests that share a prefix back
+    to back: submitting them to the engine in that order lets each reuse
+    the KV of the one before.  Any other exception fails the whole group
+    open: every request goes through as sent, and each report says so.
+    """
     start = time.perf_counter()
-    spec_tenant = spec.tenant if spec is not None else None
+    items = [(conv, a.spec) for a in arrivals for conv in a.conversations]
+    owner = [n for n, a in enumerate(arrivals) for _ in a.conversations]
     try:
-        state.binder.drain()  # the prompts served before this one are in the index before it is planned
+        state.binder.drain()  # the prompts served before these are in the index before they are planned
         pilot = state.pilot_for(tokenizer)
         state.ensure_channel()
-        implicit = state.options.implicit_documents
-        plans = [plan_conversation(pilot, conv, spec, implicit) for conv in conversations]
-    except ContextPilotRequestError:
-        raise
-    except Exception as exc:  # fail open: the request goes through as the client sent it
+        plans, order = plan_conversations(pilot, items, state.options.implicit_documents)
+    except ContextPilotRequestError as exc:  # raised outside any one item: every arrival's
+        return [exc] * len(arrivals), list(range(len(arrivals)))
+    except Exception as exc:  # fail open: the requests go through as the clients sent them
         report_failure("rewrite_error", exc)
-        _record(state, sink, make_report(reason="rewrite_error", error=f"{type(exc).__name__}: {exc}"))
-        convs = as_sent(conversations, spec, state.options.pilot.instruction)
-        n = len(conversations)
-        return Prepared(state, spec, convs, [None] * n, False, [spec_tenant] * n, time.perf_counter() - start)
+        seconds = (time.perf_counter() - start) / max(1, len(arrivals))
+        results = []
+        for a in arrivals:
+            _record(state, a.sink, make_report(reason="rewrite_error", error=f"{type(exc).__name__}: {exc}"))
+            convs = as_sent(a.conversations, a.spec, state.options.pilot.instruction)
+            n = len(a.conversations)
+            spec_tenant = a.spec.tenant if a.spec is not None else None
+            results.append(Prepared(state, a.spec, convs, [None] * n, False, [spec_tenant] * n, seconds))
+        return results, list(range(len(arrivals)))
+    seconds = (time.perf_counter() - start) / max(1, len(arrivals))
+    results = []
+    first = 0
+    for a in arrivals:
+        mine = plans[first : first + len(a.conversations)]
+        first += len(a.conversations)
+        error = next((p for p in mine if isinstance(p, ContextPilotRequestError)), None)
+        results.append(error if error is not None else _prepared(state, a, mine, seconds))
+    admission = list(dict.fromkeys(owner[i] for i in order))
+    return results, admission
+
+
+def _prepared(state: EngineState, arrival: Arrival, plans: list, seconds: float) -> Prepared | None:
+    spec_tenant = arrival.spec.tenant if arrival.spec is not None else None
     tenants = [p.tenant if p is not None and p.tenant else spec_tenant for p in plans]
     if not any(p is not None for p in plans) and all(tenant_cache_salt(state, t, None) is None for t in tenants):
         return None
-    new_convs = [p.messages if p is not None else conv for p, conv in zip(plans, conversations)]
+    new_convs = [p.messages if p is not None else conv for p, conv in zip(plans, arrival.conversations)]
     binds = any(p is not None and p.preamble is not None for p in plans)
     wants = binds and not (state.token_table is not None and state.token_table_verified)
-    return Prepared(state, spec, new_convs, plans, wants, tenants, time.perf_counter() - start)
+    return Prepared(state, arrival.spec, new_convs, plans, wants, tenants, seconds)
 
 
 def _bind(state: EngineState, plan: Plan, tokens: ServedTokens) -> bool:

@@ -143,6 +143,8 @@ class EngineState:
         #: request side: seconds each request spent in contextpilot before the engine got its tokens
         self.overhead: deque[float] = deque(maxlen=100_000)
         self._binder: Binder | None = None
+        #: request side: the arrival window (:mod:`.arrivals`) per event loop
+        self.arrival_windows: dict = {}
 
     @property
     def binder(self) -> Binder:
