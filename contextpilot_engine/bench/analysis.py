@@ -3,8 +3,10 @@
 :func:`analyse_workload` runs the methods of :mod:`.methods` on a workload,
 checks block conservation, simulates every method's prompts at each page
 size with an unlimited and a small cache, computes the bounds of
-:mod:`.bounds` and each method's share of them, and measures exact optima
-on small sub-batches.  Everything returned is plain JSON data.
+:mod:`.bounds` and each method's share of them (of the page-floored online
+bound only for methods that serve in arrival order, the only ones it
+bounds), and measures exact optima on small sub-batches.  Everything
+returned is plain JSON data.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from .bounds import (
     intern,
     mst_bound,
     nested_group_bound,
+    online_bound,
+    online_overlaps,
     overlap_matrix,
     trie_reuse,
 )
@@ -38,7 +42,7 @@ from .methods import (
 )
 from .prompt_model import LINE_OVERHEAD
 from .reference import ReferenceRunner, ReferenceUnavailable
-from .scoring import block_reuse, conservation, method_prompts, simulate_prompts, unique_tokens
+from .scoring import block_reuse, conservation, simulate_prompts, unique_tokens
 from .workloads import Workload, workload_stats
 
 __all__ = ["Options", "analyse_workload", "run_methods", "subbatch_study"]
@@ -186,7 +190,8 @@ def analyse_workload(wl: Workload, opts: Options) -> dict:
     say = opts.progress
     out: dict = {"name": wl.name, "params": wl.params, "causal": wl.causal, "stats": workload_stats(wl)}
     # the small cache is a share of the unique tokens of the retrieval-order prompts
-    uniq = unique_tokens(method_prompts(run_retrieval(wl, _Renderer(count)), count))
+    base_prompts = run_retrieval(wl, _Renderer(count)).prompts(count)
+    uniq = unique_tokens(base_prompts)
     capacity = max(1, int(opts.capacity_fraction * uniq))
     out["unique_tokens"] = uniq
     out["capacity_tokens"] = capacity
@@ -207,12 +212,17 @@ def analyse_workload(wl: Workload, opts: Options) -> dict:
         del W
     else:
         bounds["note"] = f"MST and nested bounds skipped: {batch.n} requests > bound_max_n={opts.bound_max_n}"
+    best, _ = online_overlaps(batch)
+    preamble = base_prompts[0][0][1] if base_prompts else 0  # every method's prompts share this preamble
+    bounds["online"] = online_bound(best)
+    bounds["online_hits"] = {f"page{p}": online_bound(best, p, preamble) for p in opts.pages}
     out["bounds"] = bounds
+    arrival = list(range(len(wl.requests)))
 
     methods: dict = {}
     for r in results:
         say(f"simulate {r.name}")
-        prompts = method_prompts(r, count)
+        prompts = r.prompts(count)
         entry: dict = {
             "kind": r.kind,
             "seconds": r.seconds,
@@ -224,7 +234,7 @@ def analyse_workload(wl: Workload, opts: Options) -> dict:
             **_latency(r),
         }
         sims: dict = {}
-        capped_prompts = method_prompts(capped[r.name], count) if r.name in capped else prompts
+        capped_prompts = capped[r.name].prompts(count) if r.name in capped else prompts
         for page in opts.pages:
             sims[f"page{page}"] = {"unlimited": _sim(prompts, page, None)}
             sims[f"page{page}"][cap_label] = _sim(capped_prompts, page, capacity)
@@ -232,9 +242,15 @@ def analyse_workload(wl: Workload, opts: Options) -> dict:
         if r.name != "ours online+dedup":
             reuse = block_reuse(r, wl, count)
             entry["block_reuse"] = reuse
-            for key in ("dedup", "mst", "nested"):
+            for key in ("dedup", "mst", "nested", "online"):
                 if key in bounds and bounds[key]:
                     entry[f"share_{key}"] = reuse / bounds[key]
+            entry["arrival_order"] = r.order == arrival
+            if r.order == arrival:  # the page-floored online bound holds for arrival-order hits only
+                entry["share_online_hits"] = {
+                    page: sims[page]["unlimited"]["cached"] / b if b else None
+                    for page, b in bounds["online_hits"].items()
+                }
         prompt_total = sum(t for p in prompts for _, t in p)
         entry["prompt_tokens"] = prompt_total
         methods[r.name] = entry
@@ -269,8 +285,8 @@ def _compare_before_crash(results, capped, methods: dict, count, opts: Options, 
     for r in results:
         if r.kind != "online":
             continue
-        full = method_prompts(r, count)[:n]
-        small = method_prompts(capped[r.name], count)[:n] if r.name in capped else full
+        full = r.prompts(count)[:n]
+        small = capped[r.name].prompts(count)[:n] if r.name in capped else full
         methods[r.name]["sim_before_crash"] = {
             "requests": n,
             "unlimited": _sim(full, 16, None),

@@ -35,6 +35,20 @@ honest the "share of bound" in the report):
   looser (still valid) ``F_i`` from pairwise intersections is used for that
   request (:func:`_pairwise_credit`).  The blocks one request shares with different neighbours cannot
   all come first in its single order; this is the bound that knows it.
+* :func:`online_overlaps` / :func:`online_bound`: the bound of a method
+  that serves requests in arrival order.  An exact-prefix cache names a page
+  by everything before it, so the cached prefix of request ``i`` is a prefix
+  of one earlier prompt: at most its largest overlap ``max_{j<i} w(S_i & S_j)``
+  with a *single* earlier request, floored to whole pages.  Summed over
+  requests, that is a spanning tree of the overlap graph (each request hangs
+  off one earlier one), so it never exceeds the MST bound; unlike the MST it
+  charges a request only for partners that came before it.  The maxima come
+  from an inverted index over items: request ``i`` meets only earlier
+  requests that share an item with it, and with prefix filtering (rare items
+  first) only those that can still beat the best overlap found, never all
+  pairs.  At page 1 the trie's reuse does not depend on the order
+  the requests are inserted in, so the page-1 sum bounds every method's
+  block reuse; the page-floored sums bound hits in arrival order only.
 * :func:`exact_optimum`: the true optimum of a small batch (up to
   ``EXACT_MAX`` requests) by dynamic programming over the laminar families
   above (``4^n``): for a group ``H``, ``B(H) = max`` over partitions of ``H``
@@ -62,6 +76,8 @@ __all__ = [
     "mst_bound",
     "nested_group_bound",
     "exact_optimum",
+    "online_overlaps",
+    "online_bound",
     "trie_reuse",
     "EXACT_MAX",
 ]
@@ -260,6 +276,93 @@ def nested_group_bound(batch: Interned, W: np.ndarray, closure_cap: int = 4000) 
         total += credit
         fallbacks += not exact
     return total, fallbacks
+
+
+def online_overlaps(batch: Interned) -> tuple[np.ndarray, np.ndarray]:
+    """Per request, in arrival order, its largest overlap with one earlier request and that request.
+
+    ``best[i] = max_{j<i} w(S_i & S_j)`` (0 when no earlier request shares
+    an item, as for the first one) and ``partner[i]`` the earliest ``j``
+    reaching it (-1 if none).  Copies of a repeated block are distinct items,
+    so overlaps are multiset intersections.
+
+    Candidates come from the inverted index, rarest items first (prefix
+    filtering): once the candidates met so far reach ``t`` and the items not
+    yet looked up weigh less than ``t`` together, no other earlier request
+    can reach ``t``, so a popular block's long posting list is read only
+    when the rarer ones leave the maximum open.  Each candidate is scored
+    exactly from its own row.
+    """
+    postings = _postings(batch)
+    lengths = np.fromiter((len(r) for r in batch.rows), dtype=np.int64, count=batch.n)
+    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    flat = np.concatenate(batch.rows) if batch.n else np.zeros(0, np.int64)
+    best = np.zeros(batch.n, dtype=np.int64)
+    partner = np.full(batch.n, -1, dtype=np.int64)
+    for i, row in enumerate(batch.rows):
+        if not len(row):
+            continue
+        held = np.fromiter((np.searchsorted(postings[x], i) for x in row.tolist()), dtype=np.int64, count=len(row))
+        live = held > 0  # items some earlier request holds
+        if not live.any():
+            continue
+        items, held = row[live], held[live]
+        gains = batch.weights[items]
+        order = np.lexsort((-gains, held))  # rarest first, the heavier first among equally rare
+        items, held, gains = items[order], held[order], gains[order]
+        after = int(gains.sum()) - np.cumsum(gains)  # after[m]: weight of the items past the first m + 1
+        scored = np.zeros(0, dtype=np.int64)
+        scores = np.zeros(0, dtype=np.int64)
+        used, need, top = 0, 1, 0
+        while need > used:
+            fresh = np.unique(np.concatenate([postings[x][:h] for x, h in zip(items[used:need].tolist(),
+                                                                            held[used:need].tolist())]))
+            fresh = fresh[~np.isin(fresh, scored)]
+            if len(fresh):
+                got = _overlaps_with(row, fresh, flat, offsets, lengths, batch.weights)
+                scored, scores = np.concatenate([scored, fresh]), np.concatenate([scores, got])
+                top = int(scores.max())
+            used = need
+            # the fewest rarest items whose remainder weighs less than the best overlap found so far
+            below = np.flatnonzero(after < top)
+            need = int(below[0]) + 1 if len(below) else len(items)
+        if top:
+            best[i] = top
+            partner[i] = int(scored[scores == top].min())
+    return best, partner
+
+
+def _overlaps_with(row: np.ndarray, others: np.ndarray, flat: np.ndarray, offsets: np.ndarray,
+                   lengths: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``w(row & rows[j])`` for each ``j`` in ``others``, from the rows laid end to end in ``flat``."""
+    lens = lengths[others]
+    total = int(lens.sum())
+    starts = np.repeat(offsets[others] - (np.cumsum(lens) - lens), lens)
+    values = flat[starts + np.arange(total)]
+    at = np.minimum(np.searchsorted(row, values), len(row) - 1)
+    shared = row[at] == values  # rows are sorted item ids
+    owner = np.repeat(np.arange(len(others)), lens)
+    out = np.zeros(len(others), dtype=np.int64)
+    np.add.at(out, owner[shared], weights[values[shared]])
+    return out
+
+
+def online_bound(best: np.ndarray, page: int = 1, offset: int = 0) -> int:
+    """Hit tokens an arrival-order method can reach at most: ``sum_{i>=1} floor((offset + best_i) / page) * page``.
+
+    ``best`` is :func:`online_overlaps`' first array; ``offset`` the tokens
+    every prompt shares before its first block (the preamble), since pages
+    count from the start of the prompt.  The first request hits nothing.
+    With ``page=1`` and ``offset=0`` it is the bound on block reuse, in the
+    unit of the other bounds.  The last-token rule needs no extra cap: a
+    request-specific tail follows the blocks.
+    """
+    if page < 1:
+        raise ValueError(f"page must be >= 1, got {page}")
+    if len(best) < 2:
+        return 0
+    reach = offset + np.asarray(best[1:], dtype=np.int64)
+    return int((reach // page * page).sum())
 
 
 def exact_optimum(batch: Interned) -> int:

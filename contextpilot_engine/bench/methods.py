@@ -27,6 +27,13 @@ The reference drops repeated blocks; for scoring, a dropped block is
 appended after the method's own blocks, so its tokens still count as prompt
 tokens (almost always uncached) and no method gains hits by deleting
 content.
+
+Reading a prompt back: the layout numbers block lines ``[1] ``, ``[2] ``,
+..., and real documents can hold such a line themselves (the PostgreSQL
+manual's footnotes read ``[2] While SELECT * is ...``), so a prompt cannot be
+split on labels alone.  :func:`split_known` splits it with the request's own
+block texts, which every method here knows, and each result keeps those
+splits for scoring (:meth:`MethodResult.prompts`).
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ from .. import ContextPilot
 from ..blocks import make_block
 from ..prompts import position_labels, render_messages
 from .baselines import frequency_sort, retrieval_order
-from .prompt_model import split_prompt
+from .prompt_model import SplitPrompt, segments, split_prompt
 from .reference import ReferenceRunner
+from .simulator import Segment
 from .workloads import Workload
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "run_reference_online",
     "block_ids",
     "match_positions",
+    "split_known",
 ]
 
 
@@ -74,6 +83,7 @@ class MethodResult:
     crashed_after: int | None = None
     error: str | None = None
     note: str = ""
+    splits: dict[int, SplitPrompt] = field(default_factory=dict)  # request -> its prompt, read back
 
     @property
     def dropped_blocks(self) -> int:
@@ -85,6 +95,10 @@ class MethodResult:
 
     def conserved(self) -> bool:
         return self.dropped_blocks == 0 and self.invented == 0
+
+    def prompts(self, count: Callable[[str], int]) -> list[list[Segment]]:
+        """Simulator segments of the prompts in execution order, from the splits made with known blocks."""
+        return [segments(self.splits[i], count, i) for i in self.order]
 
     def sequences(self, wl: Workload) -> list[list[str]]:
         """Per request, the block texts as finally placed (dropped ones appended), for trie reuse."""
@@ -136,12 +150,25 @@ def match_positions(texts: Sequence[str], output: Sequence[str]) -> tuple[list[i
     return matched, left, invented
 
 
+def split_known(messages: Sequence[dict], texts: Sequence[str]) -> SplitPrompt:
+    """:func:`.prompt_model.split_prompt` with the request's input blocks (kept for callers of this name).
+
+    At each block line, the block is the input text (each copy used once)
+    that the line continues with and that is followed by the next label or
+    the closing tag; a block that is not one of ``texts`` (a dedup hint, a
+    rewritten block) ends at the next label.  So a document that holds a
+    line like ``[3] ...`` stays one block.
+    """
+    return split_prompt(messages, texts)
+
+
 def _from_orders(name: str, kind: str, wl: Workload, renderer: _Renderer, perms, order, seconds=None) -> MethodResult:
-    messages, served = {}, {}
+    messages, served, splits = {}, {}, {}
     for i, r in enumerate(wl.requests):
         messages[i] = renderer.render(r.contexts, perms[i], r.query)
         served[i] = list(perms[i])
-    return MethodResult(name, kind, list(order), messages, served, seconds=seconds)
+        splits[i] = split_known(messages[i], r.contexts)
+    return MethodResult(name, kind, list(order), messages, served, seconds=seconds, splits=splits)
 
 
 def _arrival(wl: Workload) -> list[int]:
@@ -176,11 +203,11 @@ def run_ours_offline(wl: Workload, count: Callable[[str], int], repeats: int = 1
         batch_messages, schedule = pilot.optimize_batch(wl.contexts, wl.queries)
         times.append(time.perf_counter() - start)
     seconds = _median(times)
-    messages, served, dropped, invented = {}, {}, {}, 0
+    messages, served, dropped, splits, invented = {}, {}, {}, {}, 0
     for msgs, i in zip(batch_messages, schedule):
         texts = wl.requests[i].contexts
-        sent = split_prompt(msgs).blocks
-        pos, left, extra = match_positions(texts, sent)
+        splits[i] = split_known(msgs, texts)
+        pos, left, extra = match_positions(texts, splits[i].blocks)
         messages[i], served[i], dropped[i] = msgs, pos, left
         invented += extra
     order = _arrival(wl) if wl.causal else list(schedule)
@@ -195,6 +222,7 @@ def run_ours_offline(wl: Workload, count: Callable[[str], int], repeats: int = 1
         invented=invented,
         seconds=seconds,
         note=note,
+        splits=splits,
     )
 
 
@@ -210,7 +238,7 @@ def run_ours_online(
     """
     pilot = ContextPilot(tokenizer=count, capacity_tokens=capacity_tokens or 10**12)
     memory = ContextPilot(tokenizer=count) if dedup else None
-    messages, served, hinted, rewritten, dropped = {}, {}, {}, {}, {}
+    messages, served, hinted, rewritten, dropped, splits = {}, {}, {}, {}, {}, {}
     latencies, saved, invented = [], 0, 0
     for i, r in enumerate(wl.requests):
         cid = r.conversation
@@ -232,7 +260,8 @@ def run_ours_online(
         if hints:
             msgs[0] = dict(msgs[0], content=msgs[0]["content"] + "\n" + "\n".join(hints))
         latencies.append(time.perf_counter() - start)
-        sent = split_prompt(msgs).blocks if docs else []
+        splits[i] = split_known(msgs, r.contexts)
+        sent = splits[i].blocks
         if len(sent) != len(sent_pos):
             raise AssertionError(f"request {i}: {len(sent)} block lines but the report lists {len(sent_pos)}")
         changed = [p for p, t in zip(sent_pos, sent) if t != r.contexts[p]]
@@ -257,6 +286,7 @@ def run_ours_online(
         seconds=sum(latencies),
         latencies=latencies,
         dedup_tokens_saved=saved,
+        splits=splits,
     )
 
 
@@ -268,7 +298,7 @@ def block_ids(wl: Workload) -> tuple[list[list[int]], dict[int, str]]:
 
 
 def _reference_result(name, kind, wl, renderer, outputs: dict[int, list[int]], id_text, order, **extra):
-    messages, served, dropped, invented = {}, {}, {}, 0
+    messages, served, dropped, splits, invented = {}, {}, {}, {}, 0
     for i, r in enumerate(wl.requests):
         if i in outputs:
             pos, left, bad = match_positions(r.contexts, [id_text.get(x, f"<unknown {x}>") for x in outputs[i]])
@@ -277,7 +307,9 @@ def _reference_result(name, kind, wl, renderer, outputs: dict[int, list[int]], i
         served[i], dropped[i] = pos, left
         invented += bad
         messages[i] = renderer.render(r.contexts, pos + left, r.query)
-    return MethodResult(name, kind, order, messages, served, dropped=dropped, invented=invented, **extra)
+        splits[i] = split_known(messages[i], r.contexts)
+    return MethodResult(name, kind, order, messages, served, dropped=dropped, invented=invented, splits=splits,
+                        **extra)
 
 
 def run_reference_offline(

@@ -1,21 +1,41 @@
 """The workloads the suite runs, at full and smoke sizes, and their engine-replay variants.
 
-Full sizes follow the published settings (MultiHop-RAG top-20 retrieval, NarrativeQA,
-LoCoMo, agent sessions) and
-keep the reference's O(n^2) build within minutes; smoke sizes keep the CI
-run in seconds.  Engine variants are small, materialised versions (shorter
+Synthetic workloads: full sizes follow the published settings (MultiHop-RAG
+top-20 retrieval, NarrativeQA, LoCoMo, agent sessions) and keep the
+reference's O(n^2) build within minutes; smoke sizes keep the CI run in
+seconds.  Engine variants are small, materialised versions (shorter
 chunks, fewer requests) so that every method can be replayed through vLLM
 on a 2-core CPU in minutes.
+
+Real-corpus workloads (:data:`REAL_WORKLOADS`, from :mod:`.real_traces`)
+check the synthetic calibration against what real retrievers do with a
+real manual.  One trace set holds all of them, so they are built (or read
+from the disk cache) together, once per process; a machine without their
+packages or without the manual's ``.deb`` runs the synthetic workloads
+alone, and :func:`real_unavailable` says why.
 """
 
 from __future__ import annotations
 
+import shutil
+from functools import lru_cache
 from typing import Callable
 
+from .real_traces import WORKLOAD_SPECS
 from .scenarios import agent_sessions, longdoc_qa, memory_chat
 from .workloads import Workload, materialise, rag_batch
 
-__all__ = ["WORKLOADS", "build", "build_engine_variant", "RAG_CALIBRATION"]
+__all__ = [
+    "WORKLOADS",
+    "REAL_WORKLOADS",
+    "build",
+    "build_engine_variant",
+    "real_unavailable",
+    "RAG_CALIBRATION",
+]
+
+#: the real-corpus workloads, in :data:`.real_traces.WORKLOAD_SPECS` order
+REAL_WORKLOADS: tuple[str, ...] = tuple(name for name, *_ in WORKLOAD_SPECS)
 
 #: popularity knobs that give RAGCache's "3% of chunks draw ~60% of retrievals" (see rag_batch)
 RAG_CALIBRATION = dict(zipf_alpha=1.25, topic_alpha=1.0, topic_share=0.3, coupled=True)
@@ -102,9 +122,32 @@ WORKLOADS: dict[str, tuple[Callable[[int], Workload], Callable[[int], Workload],
 }
 
 
+def real_unavailable() -> str | None:
+    """Why the real-corpus workloads cannot be built here, or None when they can."""
+    from . import corpus, real_traces
+
+    missing = real_traces.missing_packages()
+    if missing:
+        return f"packages missing: {', '.join(missing)} (they are in requirements/engine.lock)"
+    have_deb = any((corpus.corpus_dir() / "deb").glob(f"{corpus.CORPUS_PACKAGE}_*.deb"))
+    if not have_deb and shutil.which("apt-get") is None:
+        return f"no apt-get to fetch {corpus.CORPUS_PACKAGE} and no .deb in {corpus.corpus_dir() / 'deb'}"
+    return None
+
+
+@lru_cache(maxsize=2)
+def _real(smoke: bool, seed: int) -> dict[str, Workload]:
+    from .real_traces import real_workloads
+
+    return {wl.name: wl for wl in real_workloads(smoke, seed)}
+
+
 def build(name: str, smoke: bool, seed: int) -> Workload:
+    """A synthetic workload built from ``seed``, or a real-corpus one from the trace set of ``seed``."""
+    if name in REAL_WORKLOADS:
+        return _real(smoke, seed)[name]
     if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS) + list(REAL_WORKLOADS)}")
     full, small, _ = WORKLOADS[name]
     return (small if smoke else full)(seed)
 

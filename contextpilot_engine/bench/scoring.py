@@ -39,7 +39,9 @@ class SimResult:
 
 
 def method_prompts(result: MethodResult, count: Callable[[str], int]) -> list[list[Segment]]:
-    """Segments of the method's prompts, in its execution order."""
+    """Segments of the method's prompts, in its execution order (read back with their known blocks)."""
+    if result.splits:
+        return result.prompts(count)
     return [prompt_segments(result.messages[i], count, i) for i in result.order]
 
 
