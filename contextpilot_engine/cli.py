@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "demo": ("contextpilot_engine.demo", "run a real vLLM engine on a local tiny model with and without contextpilot"),
     "bench": ("contextpilot_engine.bench.suite", "run the benchmark suite and write its report"),
     "model": ("contextpilot_engine.model_cli", "the local test model: `contextpilot model path` prints its directory"),
+    "serve": ("contextpilot_engine.proxy.cli", "an OpenAI-compatible proxy in front of an engine, synced by its KV events"),
+    "engine": ("contextpilot_engine.engine_scripts", "the plugin in an engine's environment: status, install, verify, uninstall"),
 }
 
 
