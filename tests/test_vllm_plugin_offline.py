@@ -168,7 +168,9 @@ def test_request_side_failure_serves_the_request_unmodified(plugin_llm, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
+    # the request pipeline's two entries (alone, or planned with the requests that arrived with it)
     monkeypatch.setattr(pilot_module, "serve_request", broken)
+    monkeypatch.setattr(pilot_module, "serve_group", broken)
     served = prompt_ids(plugin_llm, messages)
     assert served == unmodified
     assert failure_counts()["rewrite_error"] == before + 1
