@@ -40,9 +40,10 @@ multiprocess mode, where those metrics are absent.
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 __all__ = [
+    "LazyMetrics",
     "BudgetCollector",
     "count_request",
     "count_rewrite",
@@ -56,51 +57,67 @@ __all__ = [
 _LAG_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1)
 
-_lock = threading.Lock()
-_metrics: dict[str, Any] | None = None
-_unavailable = False
+
+class LazyMetrics:
+    """Metrics created on first use, so that importing a module registers nothing.
+
+    ``build(prometheus_client)`` creates them (a dict by name); calling the
+    object returns that dict, or None when ``prometheus_client`` is not
+    installed (every metric function is then a no-op).  Thread-safe: the
+    metrics are built once.
+    """
+
+    def __init__(self, build: Callable[[Any], dict[str, Any]]):
+        self._build = build
+        self._lock = threading.Lock()
+        self._metrics: dict[str, Any] | None = None
+        self._unavailable = False
+
+    def __call__(self) -> dict[str, Any] | None:
+        if self._metrics is not None or self._unavailable:
+            return self._metrics
+        with self._lock:
+            if self._metrics is None and not self._unavailable:
+                try:
+                    import prometheus_client
+                except ImportError:
+                    self._unavailable = True
+                    return None
+                self._metrics = self._build(prometheus_client)
+            return self._metrics
 
 
-def _get() -> dict[str, Any] | None:
-    global _metrics, _unavailable
-    if _metrics is not None or _unavailable:
-        return _metrics
-    with _lock:
-        if _metrics is not None or _unavailable:
-            return _metrics
-        try:
-            from prometheus_client import Counter, Histogram
-        except ImportError:
-            _unavailable = True
-            return None
-        p = "contextpilot:"
-        _metrics = {
-            "requests": Counter(p + "requests", "Requests carrying context blocks, by outcome and reason.",
-                                ["outcome", "reason"]),
-            "blocks": Counter(p + "blocks", "Context blocks in rewritten requests."),
-            "moved": Counter(p + "blocks_moved", "Blocks placed at another position than sent."),
-            "deduplicated": Counter(p + "blocks_deduplicated",
-                                    "Blocks replaced by a hint to their copy elsewhere in the prompt."),
-            "saved": Counter(p + "dedup_tokens_saved", "Prompt tokens saved by deduplication."),
-            "expected": Counter(p + "expected_cached_tokens",
-                                "Prompt tokens the index expected the engine to find cached."),
-            "failures": Counter(p + "failures", "Failures of contextpilot (requests served unmodified), by reason.",
-                                ["reason"]),
-            "events": Counter(p + "mirror_events", "Cache page events applied to the request side's index.", ["op"]),
-            "lag": Histogram(p + "mirror_lag_seconds",
-                             "Time from a cache change in the engine to its application on the request side.",
-                             buckets=_LAG_BUCKETS),
-            "overhead": Histogram(p + "request_overhead_seconds",
-                                  "Time the request path adds before the engine gets the prompt's tokens.",
-                                  buckets=_OVERHEAD_BUCKETS),
-        }
-        try:
-            from prometheus_client import REGISTRY
+def _build(prom: Any) -> dict[str, Any]:
+    Counter, Histogram = prom.Counter, prom.Histogram
+    p = "contextpilot:"
+    metrics = {
+        "requests": Counter(p + "requests", "Requests carrying context blocks, by outcome and reason.",
+                            ["outcome", "reason"]),
+        "blocks": Counter(p + "blocks", "Context blocks in rewritten requests."),
+        "moved": Counter(p + "blocks_moved", "Blocks placed at another position than sent."),
+        "deduplicated": Counter(p + "blocks_deduplicated",
+                                "Blocks replaced by a hint to their copy elsewhere in the prompt."),
+        "saved": Counter(p + "dedup_tokens_saved", "Prompt tokens saved by deduplication."),
+        "expected": Counter(p + "expected_cached_tokens",
+                            "Prompt tokens the index expected the engine to find cached."),
+        "failures": Counter(p + "failures", "Failures of contextpilot (requests served unmodified), by reason.",
+                            ["reason"]),
+        "events": Counter(p + "mirror_events", "Cache page events applied to the request side's index.", ["op"]),
+        "lag": Histogram(p + "mirror_lag_seconds",
+                         "Time from a cache change in the engine to its application on the request side.",
+                         buckets=_LAG_BUCKETS),
+        "overhead": Histogram(p + "request_overhead_seconds",
+                              "Time the request path adds before the engine gets the prompt's tokens.",
+                              buckets=_OVERHEAD_BUCKETS),
+    }
+    try:
+        prom.REGISTRY.register(BudgetCollector())
+    except ValueError:  # already registered (a module reloaded): the first collector reports
+        pass
+    return metrics
 
-            REGISTRY.register(BudgetCollector())
-        except ValueError:  # already registered (a module reloaded): the first collector reports
-            pass
-        return _metrics
+
+_get = LazyMetrics(_build)
 
 
 class BudgetCollector:

@@ -20,48 +20,38 @@ Every function is a no-op without ``prometheus_client``.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
+
+from ..integration.metrics import LazyMetrics
 
 __all__ = ["count_request", "count_backend_error", "observe_overhead", "observe_settle", "count_cached",
            "count_batch", "count_resync", "set_mode", "exposition"]
 
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1)
-_lock = threading.Lock()
-_metrics: dict[str, Any] | None = None
-_unavailable = False
 
 
-def _get() -> dict[str, Any] | None:
-    global _metrics, _unavailable
-    if _metrics is not None or _unavailable:
-        return _metrics
-    with _lock:
-        if _metrics is not None or _unavailable:
-            return _metrics
-        try:
-            from prometheus_client import Counter, Gauge, Histogram
-        except ImportError:
-            _unavailable = True
-            return None
-        p = "contextpilot:proxy_"
-        _metrics = {
-            "requests": Counter(p + "requests", "Requests answered by the proxy, by route and status.",
-                                ["endpoint", "status"]),
-            "backend_errors": Counter(p + "backend_errors", "Backend failures answered 502/504.", ["kind"]),
-            "overhead": Histogram(p + "overhead_seconds", "What the proxy adds to a request (its own work only).",
-                                  buckets=_BUCKETS),
-            "settle": Histogram(p + "settle_seconds", "Waits for the previous request's KV events before planning.",
-                                buckets=_BUCKETS),
-            "cached": Counter(p + "cached_tokens", "Cached prompt tokens of rewritten requests, expected by the "
-                              "index and reported by the backend.", ["source"]),
-            "exact": Counter(p + "expected_exact", "Rewritten requests whose expected cached tokens equal the "
-                             "backend's.", ["exact"]),
-            "batches": Counter(p + "kv_event_batches", "KV event batches applied to the mirror."),
-            "resyncs": Counter(p + "kv_event_resyncs", "Times the mirror was cleared and rebuilt.", ["reason"]),
-            "mode": Gauge(p + "mode", "1: planning against the engine's KV events; 0: the modelled cache."),
-        }
-        return _metrics
+def _build(prom: Any) -> dict[str, Any]:
+    Counter, Gauge, Histogram = prom.Counter, prom.Gauge, prom.Histogram
+    p = "contextpilot:proxy_"
+    return {
+        "requests": Counter(p + "requests", "Requests answered by the proxy, by route and status.",
+                            ["endpoint", "status"]),
+        "backend_errors": Counter(p + "backend_errors", "Backend failures answered 502/504.", ["kind"]),
+        "overhead": Histogram(p + "overhead_seconds", "What the proxy adds to a request (its own work only).",
+                              buckets=_BUCKETS),
+        "settle": Histogram(p + "settle_seconds", "Waits for the previous request's KV events before planning.",
+                            buckets=_BUCKETS),
+        "cached": Counter(p + "cached_tokens", "Cached prompt tokens of rewritten requests, expected by the "
+                          "index and reported by the backend.", ["source"]),
+        "exact": Counter(p + "expected_exact", "Rewritten requests whose expected cached tokens equal the "
+                         "backend's.", ["exact"]),
+        "batches": Counter(p + "kv_event_batches", "KV event batches applied to the mirror."),
+        "resyncs": Counter(p + "kv_event_resyncs", "Times the mirror was cleared and rebuilt.", ["reason"]),
+        "mode": Gauge(p + "mode", "1: planning against the engine's KV events; 0: the modelled cache."),
+    }
+
+
+_get = LazyMetrics(_build)
 
 
 def count_request(endpoint: str, status: int) -> None:
