@@ -517,3 +517,29 @@ def test_the_modelled_cache_calibrates_its_capacity_from_the_reported_cached_tok
             chat(client, docs[i % 36: i % 36 + 4], query=f"r{i}")
         stats = client.get("/stats").json()["index"]["calibration"]
         assert stats["grown"] >= 1 and small < trie().capacity_tokens <= 50_000
+
+
+def test_prompt_pieces_are_cut_where_the_lookbehind_pattern_cuts():
+    """The line-token cache's fast cutter agrees with the plain pattern it replaced, Unicode blanks included."""
+    import random
+    import re
+
+    from contextpilot_engine.proxy.tokenization import _pieces
+
+    plain = re.compile(r"(?<=\S\n)(?=\S)|(?<=\])(?= \S)")
+    rnd = random.Random(7)
+    alphabet = "ab \n]\t\u00a0\u2028\u3000\x85\u00e9"
+    texts = ["", "\n", "]", "] x", "a\nb", " \nb", "a\n b", "x]\ny", "[1] doc\n[2] doc\n</documents>"]
+    texts += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 40))) for _ in range(5000)]
+    for text in texts:
+        assert _pieces(text) == plain.split(text), repr(text)
+
+
+def test_the_serving_process_freezes_its_start_up_heap():
+    import subprocess
+    import sys
+
+    code = ("import gc; from contextpilot_engine.proxy import collector; collector.tune(); "
+            "print(gc.get_freeze_count() > 0, gc.get_threshold()[1] == collector.MIDDLE_EVERY)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "True"], out.stderr

@@ -18,6 +18,7 @@ Modules, one concept each:
 * :mod:`.cache_view`: mirrored or modelled index, and waiting for events to settle;
 * :mod:`.page_hits`: the page-exact count of a served prompt's cached tokens;
 * :mod:`.work_clock`: the proxy's own time per request;
+* :mod:`.collector`: the garbage collector of the proxy's process, set for short pauses;
 * :mod:`.sse`: streamed chunks passed through, the report in the first;
 * :mod:`.reorder`, :mod:`.evictions`: the reference proxy's ``/reorder`` and ``/evict``;
 * :mod:`.metrics`: the proxy's Prometheus metrics;

@@ -103,9 +103,11 @@ async def serve(config, host: str, port: int, log_level: str = "info") -> None:
     """Start the proxy and serve until interrupted."""
     import uvicorn
 
+    from . import collector
     from .app import Proxy
 
     proxy = await Proxy.open(config)
+    collector.tune()  # after start-up: the start-up heap is frozen, out of every later collection's walk
     # keep idle client connections longer than uvicorn's 5 s: a busy client that reuses a pooled connection
     # just as the server closes it sees a dropped connection instead of an answer
     server = uvicorn.Server(uvicorn.Config(proxy.app, host=host, port=port, log_level=log_level, lifespan="off",
