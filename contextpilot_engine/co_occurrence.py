@@ -30,17 +30,24 @@ from collections import deque
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .blocks import Block
+from .memory_budget import resident
 
 if TYPE_CHECKING:
     from .memory_budget import BudgetAccount
 
 __all__ = ["RecentRequests", "ENTRY_BYTES"]
 
-#: approximate resident bytes of one (block, request) pair: its slot in the block's holder set,
-#: its slot in the request's key tuple, and a share of the holder dict's entry
-ENTRY_BYTES = 112
+#: approximate resident bytes of one (block, request) pair: its slot in the request's key tuple,
+#: the holder dict's entry (most blocks of a window are held by one request: a bare request number),
+#: a share of the holder sets of the others, and the allocator's overhead on all of them
+ENTRY_BYTES = resident(144)
 
 _EMPTY: frozenset = frozenset()
+
+
+def _as_set(held: "int | set[int] | frozenset[int]") -> "set[int] | frozenset[int]":
+    """A holder entry as a set (one request is stored as its bare number)."""
+    return {held} if type(held) is int else held
 
 
 class RecentRequests:
@@ -54,8 +61,9 @@ class RecentRequests:
         self.window = window
         #: the window's account in the memory budget (None: not accounted)
         self.account = account
-        #: block key -> numbers of the recent requests that held it
-        self._holders: dict[int, set[int]] = {}
+        #: block key -> number of the one recent request that held it, or the set of several: most
+        #: blocks of a window are held once, and a one-element set costs several times a number
+        self._holders: dict[int, int | set[int]] = {}
         #: (request number, its distinct keys), oldest first
         self._requests: deque[tuple[int, tuple[int, ...]]] = deque()
         self._next = 0
@@ -78,7 +86,9 @@ class RecentRequests:
         for k in distinct:
             h = holders.get(k)
             if h is None:
-                holders[k] = {n}
+                holders[k] = n
+            elif type(h) is int:
+                holders[k] = {h, n}
             else:
                 h.add(n)
         self._requests.append((n, distinct))
@@ -98,8 +108,13 @@ class RecentRequests:
         holders = self._holders
         for k in old_keys:
             h = holders[k]
+            if type(h) is int:
+                del holders[k]
+                continue
             h.discard(old)
-            if not h:
+            if len(h) == 1:
+                holders[k] = h.pop()
+            elif not h:
                 del holders[k]
         return len(old_keys)
 
@@ -136,7 +151,7 @@ class RecentRequests:
         holders = self._holders
         support: set[int] | None = None
         for k in placed:
-            h = holders.get(k, _EMPTY)
+            h = _as_set(holders.get(k, _EMPTY))
             support = set(h) if support is None else support & h
             if not support:
                 return [], list(candidates)
@@ -150,7 +165,10 @@ class RecentRequests:
             for pos, i in enumerate(remaining):
                 b = blocks[i]
                 h = holders[b.key]
-                n = len(h) if support is None else len(h & support)
+                if type(h) is int:
+                    n = 1 if support is None or h in support else 0
+                else:
+                    n = len(h) if support is None else len(h & support)
                 if not n:
                     continue
                 score = (n * b.tokens, b.tokens, -b.key, -pos)
@@ -160,7 +178,7 @@ class RecentRequests:
                 break
             i = remaining.pop(best)
             ordered.append(i)
-            h = holders[blocks[i].key]
+            h = _as_set(holders[blocks[i].key])
             support = set(h) if support is None else support & h
             if not support:
                 break

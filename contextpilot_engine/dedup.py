@@ -41,16 +41,16 @@ from typing import Callable, Sequence
 from .blocks import Block, make_block
 from .chunking import chunk_text
 from .lifetimes import ODDS_BYTES, RUN_BYTES, RunLengthOdds, advance_runs
-from .memory_budget import BudgetAccount, EvictionRequest, MemoryBudget, process_budget
+from .memory_budget import BudgetAccount, EvictionRequest, MemoryBudget, process_budget, resident
 from .validation import UnknownIdError
 
 __all__ = ["ConversationStore", "TurnPlan", "BlockFate", "Sighting", "ENTRY_BYTES", "CONVERSATION_BYTES"]
 
 #: approximate resident bytes of one remembered block or chunk (its key and sighting), and of one
 #: conversation besides its entries (the record, its id, its places in the store's tables);
-#: measured on CPython 3.11, rounded up
-ENTRY_BYTES = 256
-CONVERSATION_BYTES = 1280
+#: live bytes measured on CPython 3.11, rounded up
+ENTRY_BYTES = resident(256)
+CONVERSATION_BYTES = resident(1280)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Mapping, Sequence
 
-from .memory_budget import MIB, EvictionRequest, MemoryBudget, Usage, process_budget
+from .memory_budget import MIB, EvictionRequest, MemoryBudget, Usage, process_budget, resident
 from .popularity import ENTRY_BYTES as POPULARITY_ENTRY_BYTES
 from .popularity import BlockPopularity
 from .co_occurrence import ENTRY_BYTES as RECENT_ENTRY_BYTES
@@ -50,12 +50,13 @@ __all__ = ["ContextIndex", "TenantState", "DEFAULT_TENANT", "IndexLimits"]
 DEFAULT_TENANT = "default"
 
 #: approximate resident bytes of one tenant besides its entries (its state, tree and popularity
-#: objects, the popularity table's random sampler), charged while the tenant exists
-TENANT_BYTES = 8192
+#: objects, the popularity table's random sampler, its accounts in the budget and their weak
+#: references), charged while the tenant exists
+TENANT_BYTES = resident(12288)
 #: approximate resident bytes the mirror keeps per page the engine holds, and per page bound to a
 #: node (reported as the ``mirror`` structure, outside the budget)
-CACHED_PAGE_BYTES = 160
-BOUND_PAGE_BYTES = 232
+CACHED_PAGE_BYTES = resident(160)
+BOUND_PAGE_BYTES = resident(232)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .memory_budget import resident
+
 __all__ = ["RunLengthOdds", "MAX_RUN", "MIN_OBSERVATIONS", "advance_runs", "ODDS_BYTES", "RUN_BYTES"]
 
 #: runs this long or longer share one counter (the odds settle long before)
@@ -29,8 +31,8 @@ MIN_OBSERVATIONS = 8
 
 #: approximate resident bytes of one tenant's odds (two counter lists), and of one block's run
 #: length kept by a conversation; what the memory budget charges for them (rounded up)
-ODDS_BYTES = 2560
-RUN_BYTES = 96
+ODDS_BYTES = resident(2560)
+RUN_BYTES = resident(96)
 
 
 class RunLengthOdds:

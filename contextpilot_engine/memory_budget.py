@@ -30,12 +30,17 @@ engine that dropped its cache) drains over the following requests.
 **Eviction is fair across tenants.**  With ``T`` tenants holding memory,
 each tenant's *share* is ``limit / T``, and a tenant holding no more than
 its share is never evicted to make room for another tenant: that is its
-floor.  When a tenant's request takes the process over budget, that
-tenant first evicts its own coldest entries, as long as it holds more than
-its share (reason ``memory_budget``).  What is still missing is taken from
+floor.  Above their floors the memory goes to the tenants in use: when a
+request takes the process over budget, what it is over by is taken from
 the tenants above their share, least recently active first, never below
-their share (reason ``fair_share``).  Since the shares add up to the limit,
-some tenant is above its share whenever the process is over budget, so the
+their share (reason ``fair_share``), and the tenant whose request it was
+evicts its own coldest entries only when no less recently active tenant
+has anything above its share left (reason ``memory_budget``).  So a
+tenant that stopped sending requests gives what it holds above its floor
+back to the ones that did, the room that tenants below their share leave
+goes to the tenants in use, and a noisy tenant can push the others down to
+their floors but no further.  Since the shares add up to the limit, some
+tenant is above its share whenever the process is over budget, so the
 budget can always be met without touching a floor.  Inside one tenant every
 structure gives back in proportion to what it holds, so no structure is
 emptied to spare another.
@@ -75,6 +80,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 __all__ = [
+    "ALLOCATOR_OVERHEAD",
+    "resident",
     "MemoryBudget",
     "BudgetAccount",
     "EvictionRequest",
@@ -91,6 +98,22 @@ logger = logging.getLogger("contextpilot_engine")
 MIB = 1 << 20
 #: the process budget until a configuration sets one: a small part of an inference host's memory
 DEFAULT_BUDGET_MB = 1024
+
+#: resident bytes per byte of live Python objects when a structure keeps evicting and inserting: the
+#: allocator keeps freed blocks in partly used pools and a dict's table keeps the size it grew to,
+#: so the process holds more than its live objects add up to (calibrated by the soak benchmark)
+ALLOCATOR_OVERHEAD = 1.25
+
+
+def resident(object_bytes: int) -> int:
+    """What a structure's entry of ``object_bytes`` live bytes costs in resident memory (rounded up).
+
+    Every structure defines its per-entry charge through this, so the one
+    calibration of the allocator's overhead applies to all of them and the
+    budget, which is given in resident bytes, bounds what the process holds.
+    """
+    return -(-object_bytes * int(ALLOCATOR_OVERHEAD * 1024) // 1024)
+
 
 #: a tenant above its share evicted its own entries because its request went over the budget
 REASON_BUDGET = "memory_budget"
@@ -361,9 +384,9 @@ class MemoryBudget:
         """Evict until the process is within its budget again (a bounded step; see the module docstring).
 
         ``tenant`` is the tenant whose change this follows: it counts as
-        active now, and it evicts its own entries first while it holds more
-        than its share.  Returns at once when the process is within budget
-        or another thread is settling.
+        active now, so it is the last tenant asked to give back what it
+        holds above its share.  Returns at once when the process is within
+        budget or another thread is settling.
         """
         if self._dead:
             self._reap()
@@ -394,14 +417,12 @@ class MemoryBudget:
         if need_e <= 0 and need_b <= 0:
             return
         goal_e, goal_b = self.used_entries - need_e, self.used_bytes - need_b
+        # the cause is the most recently active tenant (settle moved it to the end), so it comes last
         tried: set[str] = set()
-        if cause is not None:
-            self._take(cause, goal_e, goal_b, REASON_BUDGET)
-            tried.add(cause)
         for name in self._candidates(tried):
             if self._met(goal_e, goal_b):
                 break
-            self._take(name, goal_e, goal_b, REASON_FAIR_SHARE)
+            self._take(name, goal_e, goal_b, REASON_BUDGET if name == cause else REASON_FAIR_SHARE)
             tried.add(name)
 
     @staticmethod

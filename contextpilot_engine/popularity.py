@@ -23,6 +23,8 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Iterable, Mapping
 
+from .memory_budget import resident
+
 if TYPE_CHECKING:
     from .memory_budget import BudgetAccount
 
@@ -32,8 +34,8 @@ __all__ = ["BlockPopularity", "ENTRY_BYTES"]
 _EVICTION_SAMPLE = 8
 
 #: approximate resident bytes of one tracked block: its count, its last request, its slot in the
-#: sampling list (measured on CPython 3.11, rounded up)
-ENTRY_BYTES = 224
+#: sampling list (live bytes measured on CPython 3.11, rounded up)
+ENTRY_BYTES = resident(224)
 
 
 class BlockPopularity:

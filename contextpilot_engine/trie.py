@@ -33,6 +33,8 @@ import heapq
 from operator import attrgetter
 from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Mapping, Sequence
 
+from .memory_budget import resident
+
 if TYPE_CHECKING:
     from .memory_budget import BudgetAccount
 
@@ -42,8 +44,8 @@ __all__ = ["TrieNode", "BlockTrie", "CachedMatch", "ROOT_KEY", "NODE_BYTES"]
 ROOT_KEY = -1
 
 #: approximate resident bytes of one node: the node, its key, its entries in its parent's and the
-#: trie's tables and its eviction-heap entry (measured on CPython 3.11, rounded up)
-NODE_BYTES = 448
+#: trie's tables and its eviction-heap entry (live bytes measured on CPython 3.11, rounded up)
+NODE_BYTES = resident(448)
 
 #: ``heap_stamp`` of a mirrored leaf set aside by the budget's eviction (not in the heap)
 _PARKED = -2

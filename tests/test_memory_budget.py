@@ -207,6 +207,28 @@ def test_a_tenant_below_its_share_takes_room_from_one_above_it_but_not_below_its
     assert budget.stats()["evictions"]["trie"][REASON_FAIR_SHARE]["entries"] > 0
 
 
+def test_memory_above_the_floors_goes_to_the_tenant_in_use_first():
+    budget = MemoryBudget(max_bytes=None, max_entries=300)
+    pilot = pilot_with(budget)
+    for i in range(150):  # grows far past its share, then stops sending requests
+        pilot.optimize([doc(5 * i + j) for j in range(5)], "q", tenant="idle")
+    for i in range(1):  # stays well below its share
+        pilot.optimize([doc(9000 + 5 * i + j) for j in range(5)], "q", tenant="small")
+    small = budget.usage_of("small")
+    assert small.entries < 300 // 3 // 2
+    for i in range(200):  # only "busy" sends requests from now on
+        pilot.optimize([doc(5000 + 5 * i + j) for j in range(5)], "q", tenant="busy")
+        assert budget.used_entries <= 300
+        assert budget.usage_of("idle").entries >= 300 // 3 - 2  # never below its floor (whole entries)
+    assert budget.usage_of("small") == small
+    # the idle tenant gave back what it held above its floor, and the busy one uses the room the small
+    # one leaves, rather than evicting its own entries as soon as it is above an equal split
+    assert budget.usage_of("idle").entries <= 300 // 3 + 8
+    assert budget.usage_of("busy").entries >= 300 - 300 // 3 - small.entries - 24
+    evictions = budget.stats()["evictions"]["trie"]
+    assert evictions[REASON_FAIR_SHARE]["entries"] > 0 and evictions[REASON_BUDGET]["entries"] > 0
+
+
 def test_the_tenant_that_goes_over_evicts_its_least_recently_used_entries():
     budget = MemoryBudget(max_bytes=None, max_entries=120)
     pilot = pilot_with(budget)
