@@ -114,12 +114,16 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=0, help="Serve HTTP port (0: a free one)")
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--policy", action="append", default=None, metavar="JSON",
+                    help="RoutingPolicy options of a contextpilot row, as JSON (repeat for one row each; "
+                         "default: one row with the default policy)")
     ap.add_argument("--skip", default="", help="comma-separated rows to skip: rr,pca,vllm_router,ours,single")
     args = ap.parse_args()
     import logging
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     skip = set(filter(None, args.skip.split(",")))
+    policies = [json.loads(p) for p in args.policy] if args.policy else [{}]
 
     from contextpilot_engine.bench.tiny_model import cached_tiny_model
     from contextpilot_engine.demo import rag_conversations
@@ -146,9 +150,9 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}/v1"
 
-    def through_serve(name: str, servers: list, router, note: str) -> None:
+    def through_serve(name: str, servers: list, router, note: str, router_kwargs: dict | None = None) -> None:
         app = build_app({"servers": [dataclasses.asdict(s.endpoints()) for s in servers]}, router=router,
-                        health_check_period_s=5.0)
+                        router_kwargs=router_kwargs, health_check_period_s=5.0)
         serve.run(app, name="bench", route_prefix="/")
         warm_up(base)
         for s in servers:
@@ -174,8 +178,9 @@ def main() -> int:
             results.append(vllm_router_row(servers, trace, args.concurrency))
             print(json.dumps(results[-1]), flush=True)
         if "ours" not in skip:
-            through_serve("contextpilot router", servers, "contextpilot_engine.routing.router:ContextPilotRouter",
-                          "default RoutingPolicy (balance_ratio 1.2, slack 2)")
+            for policy in policies:
+                through_serve("contextpilot router", servers, "contextpilot_engine.routing.router:ContextPilotRouter",
+                              f"RoutingPolicy {json.dumps(policy)}" if policy else "default RoutingPolicy", policy)
     finally:
         for s in servers:
             s.stop()
@@ -184,7 +189,8 @@ def main() -> int:
         try:
             single.start()
             through_serve("contextpilot, one replica with the same total cache", [single],
-                          "contextpilot_engine.routing.router:ContextPilotRouter", f"{2 * args.kv_blocks} blocks")
+                          "contextpilot_engine.routing.router:ContextPilotRouter", f"{2 * args.kv_blocks} blocks",
+                          policies[0])
         finally:
             single.stop()
     serve.shutdown()
@@ -250,16 +256,16 @@ def markdown(rows: list[dict], args) -> str:
         f"tokens, {args.concurrency} concurrent clients; 2 vLLM CPU replicas of {args.kv_blocks} KV blocks "
         "(32 tokens) each.",
         "",
-        "| router | cached share | computed tokens | requests per replica (max/min) | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|",
+        "| router | cached share | computed tokens | requests per replica (max/min) | p50 ms | p99 ms | note |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "cached_share" not in r:
-            lines.append(f"| {r['router']} | {r.get('note', '')} | | | | |")
+            lines.append(f"| {r['router']} | {r.get('note', '')} | | | | | |")
             continue
         mm = f"{'/'.join(map(str, r['per_replica']))}" + (f" ({r['max_min']:.2f})" if r["max_min"] else "")
         lines.append(f"| {r['router']} | {r['cached_share']:.1%} | {r['computed_tokens']:,} | {mm} | "
-                     f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
+                     f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r.get('note', '')} |")
     return "\n".join(lines) + "\n"
 
 

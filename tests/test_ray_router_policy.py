@@ -30,10 +30,15 @@ def test_the_replica_caching_more_of_the_request_wins():
 
 
 def test_a_longer_queue_costs_queue_weight_of_the_prefill_per_request():
+    policy = RoutingPolicy(queue_weight=0.5)
     # r1 saves 400 tokens more but has one more request queued: 0.5 * 1000 > 400
-    assert decide(loads((100, 0, 0), (500, 1, 0)), 1000, POLICY).replica == "r0"
+    assert decide(loads((100, 0, 0), (500, 1, 0)), 1000, policy).replica == "r0"
     # saving 600 is worth one queued request
-    assert decide(loads((100, 0, 0), (700, 1, 0)), 1000, POLICY).replica == "r1"
+    assert decide(loads((100, 0, 0), (700, 1, 0)), 1000, policy).replica == "r1"
+    # by default one queued request costs a tenth of the prefill: 50 tokens saved do not pay for it,
+    # 150 do
+    assert decide(loads((100, 0, 0), (150, 1, 0)), 1000, POLICY).replica == "r0"
+    assert decide(loads((100, 0, 0), (250, 1, 0)), 1000, POLICY).replica == "r1"
 
 
 def test_nothing_cached_goes_to_the_least_loaded():

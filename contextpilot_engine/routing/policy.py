@@ -57,8 +57,10 @@ __all__ = ["BalanceWindow", "Decision", "ReplicaLoad", "RoutingPolicy", "StickyT
 class RoutingPolicy:
     """The routing rule's knobs (``request_router_kwargs`` of the Ray Serve deployment)."""
 
-    #: one request queued ahead on a replica costs this fraction of the request's own prefill
-    queue_weight: float = 0.5
+    #: one request queued ahead on a replica costs this fraction of the request's own prefill: a
+    #: continuous-batching engine runs the queued requests' prefills alongside this one, so a request
+    #: ahead delays it by a part of a prefill, while a replica that caches its blocks saves all of it
+    queue_weight: float = 0.1
     #: a replica with more in-flight requests than the least loaded one plus this is not chosen
     max_queue_gap: int = 8
     #: over the balance window a replica gets at most this many times the fewest of any live replica ...
