@@ -28,8 +28,6 @@ LOCK="$REPO_ROOT/requirements/engine.lock"
 TAG=setup_env
 # shellcheck source=lib/cached_venv.sh
 source "$REPO_ROOT/scripts/lib/cached_venv.sh"
-# Used only if the lock ever stops pinning setuptools (pip freeze omits it by default).
-SETUPTOOLS_FALLBACK_PIN="setuptools==78.1.1"
 
 cached_venv_paths "$LOCK" venv
 # The lock pins cp311 wheels (torch 2.13.0+cpu exists on this machine only for 3.11).
@@ -37,27 +35,11 @@ require_python_311 requirements/engine.lock
 
 build_venv() {
     local t0=$SECONDS
-    install_lock "$LOCK"
-    if ! grep -qi '^setuptools==' "$LOCK"; then
-        run_logged "setuptools install" "$PY" -m pip install --no-deps --progress-bar off \
-            "$SETUPTOOLS_FALLBACK_PIN"
-    fi
-    printf 'lock=%s\nbuilt=%s\n' "$HASH" "$(date -Is)" >"$MARKER"
-    log "venv ready in $((SECONDS - t0)) s"
+    install_engine_lock "$LOCK"
+    mark_built "$t0"
 }
 
-{
-    # Serialise against other runs that share this cache; released when the block ends.
-    flock 9
-    if [[ ! -f "$MARKER" ]]; then
-        build_venv
-    else
-        log "reusing $VENV"
-    fi
-
-    install_checkout
-    check_import 'from vllm import LLM; import contextpilot_engine' "vllm.LLM and contextpilot_engine"
-} 9>"$LOCKFILE"
+ensure_venv build_venv 'from vllm import LLM; import contextpilot_engine' "vllm.LLM and contextpilot_engine"
 
 log "ok"
 printf '%s\n' "$PY" >&3

@@ -22,7 +22,6 @@ RAY_LOCK="$REPO_ROOT/requirements/ray.lock"
 TAG=setup_ray
 # shellcheck source=lib/cached_venv.sh
 source "$REPO_ROOT/scripts/lib/cached_venv.sh"
-SETUPTOOLS_FALLBACK_PIN="setuptools==78.1.1"
 
 [[ -f "$ENGINE_LOCK" ]] || die "requirements file not found: $ENGINE_LOCK"
 [[ -f "$RAY_LOCK" ]] || die "requirements file not found: $RAY_LOCK"
@@ -50,28 +49,14 @@ EOF
 
 build_venv() {
     local t0=$SECONDS
-    install_lock "$ENGINE_LOCK"
+    install_engine_lock "$ENGINE_LOCK"
     run_logged "pip install of requirements/ray.lock" "$PY" -m pip install --no-deps --progress-bar off -r "$RAY_LOCK"
-    if ! grep -qi '^setuptools==' "$ENGINE_LOCK"; then
-        run_logged "setuptools install" "$PY" -m pip install --no-deps --progress-bar off \
-            "$SETUPTOOLS_FALLBACK_PIN"
-    fi
-    printf 'lock=%s\nbuilt=%s\n' "$HASH" "$(date -Is)" >"$MARKER"
-    log "venv ready in $((SECONDS - t0)) s"
+    mark_built "$t0"
 }
 
-{
-    flock 9
-    if [[ ! -f "$MARKER" ]]; then
-        build_venv
-    else
-        log "reusing $VENV"
-    fi
-
-    install_checkout
-    check_import 'from vllm import LLM; from ray import serve; from ray.serve.request_router import RequestRouter; import contextpilot_engine' \
-        "vllm.LLM, ray.serve and contextpilot_engine"
-} 9>"$LOCKFILE"
+ensure_venv build_venv \
+    'from vllm import LLM; from ray import serve; from ray.serve.request_router import RequestRouter; import contextpilot_engine' \
+    "vllm.LLM, ray.serve and contextpilot_engine"
 
 log "ok"
 printf '%s\n' "$PY" >&3

@@ -39,8 +39,7 @@ build_venv() {
     install_lock "$LOCK"
     install_triton_stub
     warm_native_hash
-    printf 'lock=%s\nbuilt=%s\n' "$HASH" "$(date -Is)" >"$MARKER"
-    log "venv ready in $((SECONDS - t0)) s ($(du -sh "$VENV" | cut -f1))"
+    mark_built "$t0" " ($(du -sh "$VENV" | cut -f1))"
 }
 
 # SGLang's Python tree core hashes KV pages with a C++ extension that torch JIT-compiles on first use
@@ -181,19 +180,8 @@ from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from transformers import PreTrainedTokenizerFast
 import contextpilot_engine'
 
-{
-    # Serialise against other runs that share this cache; released when the block ends.
-    flock 9
-    if [[ ! -f "$MARKER" ]]; then
-        build_venv
-    else
-        log "reusing $VENV"
-        install_triton_stub
-    fi
-
-    install_checkout
-    check_import "$IMPORTS" "sglang 0.5.23 cache/scheduler/server-args/plugin/chat modules and contextpilot_engine"
-} 9>"$LOCKFILE"
+ensure_venv build_venv "$IMPORTS" "sglang 0.5.23 cache/scheduler/server-args/plugin/chat modules and contextpilot_engine" \
+    install_triton_stub
 
 log "ok"
 printf '%s\n' "$PY" >&3

@@ -1,4 +1,4 @@
-# Shared by scripts/setup_env.sh and scripts/setup_reference.sh (source it, do not run it).
+# Shared by the scripts/setup_*.sh scripts (source it, do not run it).
 #
 # Both build a venv once under the cache root, keyed by the hash of a requirements file, and print
 # its python as the last line of stdout. A venv is not relocatable (scripts carry absolute
@@ -80,4 +80,44 @@ install_lock() {
     log "creating $VENV from $1 (cold install, a few minutes; log: $LOGFILE)"
     fresh_venv
     run_logged "pip install of the lock" "$PY" -m pip install --no-deps --progress-bar off -r "$1"
+}
+
+# Used only if an engine lock ever stops pinning setuptools (pip freeze omits it by default).
+SETUPTOOLS_FALLBACK_PIN="setuptools==78.1.1"
+
+# install_lock for an engine lock $1, plus setuptools>=68 when the lock does not pin it
+# (install_checkout's --no-build-isolation needs it in the venv).
+install_engine_lock() {
+    install_lock "$1"
+    if ! grep -qi '^setuptools==' "$1"; then
+        run_logged "setuptools install" "$PY" -m pip install --no-deps --progress-bar off \
+            "$SETUPTOOLS_FALLBACK_PIN"
+    fi
+}
+
+# The build's very last step: the completion marker; logs the time since $1 (a $SECONDS reading)
+# and any further words.
+mark_built() {
+    local t0="$1"; shift
+    printf 'lock=%s\nbuilt=%s\n' "$HASH" "$(date -Is)" >"$MARKER"
+    log "venv ready in $((SECONDS - t0)) s$*"
+}
+
+# ensure_venv BUILD CODE WHAT [REUSE]: under the cache's flock (it serialises every run that shares
+# this cache), run the function BUILD unless the venv's completion marker is there (else the
+# function REUSE, when given), point the venv's editable install at this checkout, and fail unless
+# the venv can run CODE (WHAT names it in the error).
+ensure_venv() {
+    local build="$1" code="$2" what="$3" reuse="${4:-}"
+    {
+        flock 9
+        if [[ ! -f "$MARKER" ]]; then
+            "$build"
+        else
+            log "reusing $VENV"
+            [[ -z "$reuse" ]] || "$reuse"
+        fi
+        install_checkout
+        check_import "$code" "$what"
+    } 9>"$LOCKFILE"
 }
