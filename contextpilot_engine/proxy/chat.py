@@ -162,28 +162,42 @@ class ChatPath:
         self.counters = counters
         self.served = served
 
-    # ------------------------------------------------------------------ chat
-    async def chat(self, request: Request) -> Response:
+    # ---------------------------------------------------------------- intake
+    async def _accept(self, request: Request) -> tuple[WorkClock, dict, Any, RequestSpec | None]:
+        """Count the request and read its body and its ``contextpilot`` fields, on a new work clock.
+
+        Raises :class:`_Json` or :class:`ContextPilotRequestError` for a
+        client's mistake; :meth:`_rejected` answers either.
+        """
         self.counters.requests += 1
         raw = await request.body()
         clock = WorkClock()
+        with clock:
+            body = _parse_body(raw)
+            state = self.view.active()
+            spec = spec_from_http(body.pop("contextpilot", None), request.headers,
+                                  state.options.pilot.max_blocks_per_context)
+        return clock, body, state, spec
+
+    def _rejected(self, exc: Exception, endpoint: str) -> Response:
+        """The client error for a request :meth:`_accept` or planning refused."""
+        if isinstance(exc, _Json):
+            return self._client_error(exc.response, endpoint)
+        return self._client_error(error_response(400, str(exc), param="contextpilot"), endpoint)
+
+    # ------------------------------------------------------------------ chat
+    async def chat(self, request: Request) -> Response:
         try:
-            with clock:
-                body = _parse_body(raw)
-                state = self.view.active()
-                spec = spec_from_http(body.pop("contextpilot", None), request.headers,
-                                      state.options.pilot.max_blocks_per_context)
-        except _Json as exc:
-            return self._client_error(exc.response, "chat")
-        except ContextPilotRequestError as exc:
-            return self._client_error(error_response(400, str(exc), param="contextpilot"), "chat")
+            clock, body, _, spec = await self._accept(request)
+        except (_Json, ContextPilotRequestError) as exc:
+            return self._rejected(exc, "chat")
         settled = await self.view.settle()
         if settled:
             metrics.observe_settle(settled)
         try:
             planned = await self._plan(body, spec, clock)
         except ContextPilotRequestError as exc:
-            return self._client_error(error_response(400, str(exc), param="contextpilot"), "chat")
+            return self._rejected(exc, "chat")
         return await self._send("/v1/chat/completions", "chat", planned, request, clock)
 
     async def _plan(self, body: dict, spec: RequestSpec | None, clock: WorkClock) -> _Planned:
@@ -250,15 +264,9 @@ class ChatPath:
 
     # ------------------------------------------------------------ completions
     async def completions(self, request: Request) -> Response:
-        self.counters.requests += 1
-        raw = await request.body()
-        clock = WorkClock()
         try:
+            clock, body, state, spec = await self._accept(request)
             with clock:
-                body = _parse_body(raw)
-                state = self.view.active()
-                spec = spec_from_http(body.pop("contextpilot", None), request.headers,
-                                      state.options.pilot.max_blocks_per_context)
                 if spec is not None and spec.contexts is not None:
                     raise ContextPilotRequestError(
                         "contextpilot.contexts: context blocks are rewritten in /v1/chat/completions requests only; "
@@ -268,10 +276,8 @@ class ChatPath:
                     salt = rewriting.tenant_cache_salt(state, spec.tenant, body.get("cache_salt"))
                     if salt is not None:
                         planned.body = dict(body, cache_salt=salt)
-        except _Json as exc:
-            return self._client_error(exc.response, "completions")
-        except ContextPilotRequestError as exc:
-            return self._client_error(error_response(400, str(exc), param="contextpilot"), "completions")
+        except (_Json, ContextPilotRequestError) as exc:
+            return self._rejected(exc, "completions")
         return await self._send("/v1/completions", "completions", planned, request, clock)
 
     # ------------------------------------------------------------------ send
