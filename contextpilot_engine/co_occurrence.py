@@ -27,13 +27,10 @@ and under pressure the oldest requests go first.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from .blocks import Block
-from .memory_budget import resident
-
-if TYPE_CHECKING:
-    from .memory_budget import BudgetAccount
+from .memory_budget import BudgetAccount, resident
 
 __all__ = ["RecentRequests", "ENTRY_BYTES"]
 
@@ -112,10 +109,8 @@ class RecentRequests:
                 del holders[k]
                 continue
             h.discard(old)
-            if len(h) == 1:
+            if len(h) == 1:  # a set holds two or more distinct numbers: one is left
                 holders[k] = h.pop()
-            elif not h:
-                del holders[k]
         return len(old_keys)
 
     def evict(self, entries: int, reason: str) -> int:

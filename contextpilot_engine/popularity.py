@@ -21,12 +21,9 @@ sampled rule picks them (:meth:`BlockPopularity.evict_some`).
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Iterable, Mapping
 
-from .memory_budget import resident
-
-if TYPE_CHECKING:
-    from .memory_budget import BudgetAccount
+from .memory_budget import BudgetAccount, resident
 
 __all__ = ["BlockPopularity", "ENTRY_BYTES"]
 

@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import heapq
 from operator import attrgetter
-from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
-from .memory_budget import resident
-
-if TYPE_CHECKING:
-    from .memory_budget import BudgetAccount
+from .memory_budget import BudgetAccount, resident
 
 __all__ = ["TrieNode", "BlockTrie", "CachedMatch", "ROOT_KEY", "NODE_BYTES"]
 

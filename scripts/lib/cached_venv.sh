@@ -1,6 +1,6 @@
 # Shared by the scripts/setup_*.sh scripts (source it, do not run it).
 #
-# Both build a venv once under the cache root, keyed by the hash of a requirements file, and print
+# Each builds a venv once under the cache root, keyed by the hash of a requirements file, and prints
 # its python as the last line of stdout. A venv is not relocatable (scripts carry absolute
 # shebangs), so it is built in place and a marker file is written as the very last step: a venv
 # without the marker (an interrupted build) is deleted and rebuilt. A flock on LOCKFILE serialises
