@@ -417,13 +417,16 @@ class MemoryBudget:
         if need_e <= 0 and need_b <= 0:
             return
         goal_e, goal_b = self.used_entries - need_e, self.used_bytes - need_b
-        # the cause is the most recently active tenant (settle moved it to the end), so it comes last
-        tried: set[str] = set()
+        # the cause is asked last, after every other tenant above its share (including those only the
+        # candidates' second pass finds: shares shrink when tenants arrive, without them growing)
+        tried: set[str] = set() if cause is None else {cause}
         for name in self._candidates(tried):
             if self._met(goal_e, goal_b):
                 break
-            self._take(name, goal_e, goal_b, REASON_BUDGET if name == cause else REASON_FAIR_SHARE)
+            self._take(name, goal_e, goal_b, REASON_FAIR_SHARE)
             tried.add(name)
+        if cause is not None and not self._met(goal_e, goal_b):
+            self._take(cause, goal_e, goal_b, REASON_BUDGET)
 
     @staticmethod
     def _need(used: int, limit: int | None, slack: int, step: int) -> int:
@@ -468,7 +471,13 @@ class MemoryBudget:
                 yield name
 
     def _take(self, tenant: str, goal_e: int, goal_b: int, reason: str) -> None:
-        """Ask ``tenant``'s structures, in proportion to what each holds, for what the goal still needs."""
+        """Ask ``tenant``'s structures, in proportion to what each holds, for what the goal still needs.
+
+        A structure that gives nothing when asked (what it holds is a fixed
+        cost, or in use) drops out of the next rounds' proportions, so the
+        others are asked for its part instead of a sliver of it.
+        """
+        spent: set[int] = set()
         for _ in range(4):
             with self._lock:
                 use = self._tenants.get(tenant)
@@ -480,7 +489,7 @@ class MemoryBudget:
                 if want_e <= 0 and want_b <= 0:
                     return
                 want_e, want_b = max(0, want_e), max(0, want_b)
-                accounts = [a for a in use.accounts if a.entries > 0 or a.bytes > 0]
+                accounts = [a for a in use.accounts if (a.entries > 0 or a.bytes > 0) and id(a) not in spent]
                 held_e = sum(a.entries for a in accounts) or 1
                 held_b = sum(a.bytes for a in accounts) or 1
             before = (use.entries, use.bytes)
@@ -493,7 +502,10 @@ class MemoryBudget:
                 if evict is None:
                     account.close()
                     continue
+                held = (account.entries, account.bytes)
                 evict(tenant, EvictionRequest(part_e, part_b, reason))
+                if (account.entries, account.bytes) == held:
+                    spent.add(id(account))
             if (use.entries, use.bytes) == before:
                 return  # nothing could be freed now (all in use, or its structure is busy)
 
