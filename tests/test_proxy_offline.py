@@ -543,3 +543,48 @@ def test_the_serving_process_freezes_its_start_up_heap():
             "print(gc.get_freeze_count() > 0, gc.get_threshold()[1] == collector.MIDDLE_EVERY)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["True", "True"], out.stderr
+
+
+def test_backend_lanes_keep_the_connection_limit():
+    """Requests rotate over several connection pools, and together they never open more than the limit."""
+    import asyncio
+
+    from contextpilot_engine.proxy.backend import Backend
+
+    stub = StubBackend(delay_s=0.3)
+    inner = stub.app()
+    at_once = {"now": 0, "peak": 0}
+
+    async def counting(scope, receive, send):  # the stub, counting the generation requests it holds at once
+        busy = scope["type"] == "http" and scope["path"] == "/v1/chat/completions"
+        if busy:
+            at_once["now"] += 1
+            at_once["peak"] = max(at_once["peak"], at_once["now"])
+        try:
+            await inner(scope, receive, send)
+        finally:
+            at_once["now"] -= int(busy)
+
+    stub.app = lambda: counting
+
+    async def burst(limit: int, n: int) -> list[int]:
+        backend = Backend(stub.url, max_connections=limit)
+        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+        async def one() -> int:
+            response = await backend.open("POST", "/v1/chat/completions", content=body,
+                                          headers={"content-type": "application/json"})
+            await backend.read(response)
+            return response.status_code
+
+        try:
+            return await asyncio.gather(*(one() for _ in range(n)))
+        finally:
+            await backend.aclose()
+
+    with stub:
+        assert asyncio.run(burst(4, 12)) == [200] * 12
+        assert at_once["peak"] == 4  # four lanes of one connection each: never a fifth
+        at_once["peak"] = 0
+        assert asyncio.run(burst(64, 48)) == [200] * 48
+        assert at_once["peak"] == 48  # the lanes together hold every request at once
