@@ -588,3 +588,40 @@ def test_backend_lanes_keep_the_connection_limit():
         at_once["peak"] = 0
         assert asyncio.run(burst(64, 48)) == [200] * 48
         assert at_once["peak"] == 48  # the lanes together hold every request at once
+
+
+def test_line_token_cache_checks_off_the_event_loop_and_turns_itself_off_for_a_joining_tokenizer():
+    """A real Rust BPE tokenizer whose merge spans a line break: the background check finds it.
+
+    The first prompts are checked on a thread of their own; once a check finds
+    that the pieces' ids differ from the whole prompt's, later prompts are
+    tokenized whole (so their ids are the engine's again).
+    """
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from contextpilot_engine.proxy.tokenization import LineTokenCache
+
+    vocab = {c: i for i, c in enumerate(["x", "\n", "a", "y", "\na"])}
+    joining = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [("\n", "a")]))  # no pre-tokenizer: "\na" merges
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=joining)
+    cache = LineTokenCache(fast)
+    pieces_ids = cache.encode("x\nay")  # cut after the line break: "x\n" + "ay"
+    assert pieces_ids == [0, 1, 2, 3]
+    assert cache.checks[0].result(timeout=10) is False
+    assert not cache.enabled
+    assert cache.encode("x\nay") == [0, 4, 3]  # whole now: the merge the engine makes
+
+
+def test_line_token_cache_keeps_itself_on_when_pieces_tokenize_alike():
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from contextpilot_engine.proxy.tokenization import LineTokenCache
+
+    vocab = {c: i for i, c in enumerate(["x", "\n", "a", "y"])}
+    plain = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
+    cache = LineTokenCache(transformers.PreTrainedTokenizerFast(tokenizer_object=plain))
+    for text in ("x\nay", "ay\nx", "x\nx\nx"):
+        cache.encode(text)
+    assert all(check.result(timeout=10) for check in cache.checks) and cache.enabled
+    assert cache.checked == 3
+

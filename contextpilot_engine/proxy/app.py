@@ -46,7 +46,7 @@ from .chat import RANK_HEADER, ChatPath, ProxyCounters, error_response, forward_
 from .evictions import ServedPaths
 from contextpilot_engine.integration.kv_events import EventSource, KvEventSubscriber
 from .reorder import reorder_endpoint
-from .tokenization import BackendTokenize, LocalTemplate, PromptRenderer, load_tokenizer, verify
+from .tokenization import SAMPLE, BackendTokenize, LocalTemplate, PromptRenderer, load_tokenizer, verify
 
 __all__ = ["Proxy", "ProxyConfig", "ProxyStartError"]
 
@@ -139,6 +139,26 @@ async def _renderer(config: ProxyConfig, backend: Backend, info: BackendInfo) ->
     return None, None, "none"
 
 
+def _warm_up(views: list[CacheView], renderer: PromptRenderer | None, tokenizer: Any) -> None:
+    """Do now what the request path would otherwise do once, in the first requests' own work.
+
+    Each state's ContextPilot (made with the tokenizer's byte table, a pass
+    over the whole vocabulary), its binder thread, and the compiled chat
+    template.  Made here, they are part of the start-up heap that
+    :func:`.collector.tune` freezes, and the first requests cost what every
+    later one does.
+    """
+    for view in views:
+        for state in view.states():
+            state.pilot_for(tokenizer)
+            state.binder  # noqa: B018 (starts its thread)
+    if isinstance(renderer, LocalTemplate):
+        try:
+            renderer.render_now(SAMPLE, False)
+        except Exception as exc:  # verify() reports a template that fails; here it only stays cold
+            log.debug("contextpilot proxy: the chat template failed on the warm-up sample: %s", exc)
+
+
 class Proxy:
     """The running proxy: its components and its Starlette app (``proxy.app``)."""
 
@@ -219,6 +239,7 @@ class Proxy:
             raise
         for view, sub in zip(views, subscribers):
             view.request_resync = sub.request_resync
+        _warm_up(views, renderer, tokenizer)
         proxy = cls(config, backend, info, views, renderer, tokenizer, status, subscribers)
         proxy._watch = asyncio.get_running_loop().create_task(proxy._watch_loop())
         log.info("contextpilot proxy: backend %s, page size %s, tokenizer %s (%s), KV events %s%s", backend.url, page,

@@ -34,6 +34,7 @@ import re
 from abc import ABC, abstractmethod
 from bisect import bisect_right
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -119,7 +120,12 @@ class LineTokenCache:
     concatenation of its pieces' tokens for byte-level BPE vocabularies,
     whose pre-tokenizers split there anyway.
     That is checked, not assumed: the first :attr:`CHECKS` prompts are also
-    tokenized whole, and one difference turns the cache off for good.
+    tokenized whole, and one difference turns the cache off for good.  The
+    check runs on a thread of its own (the Rust tokenizer releases the GIL
+    while it works), so the first prompts cost the event loop what every
+    later one does; the few prompts served before a failed check are bound
+    with the cache's ids.  Only the binding to the engine's pages reads
+    them: what is sent to the engine is the text.
     """
 
     CHECKS = 16
@@ -134,8 +140,15 @@ class LineTokenCache:
         self._ids: OrderedDict[str, list[int]] = OrderedDict()
         self.enabled = self._encode_batch is not None
         self.checked = 0
+        self._checker: ThreadPoolExecutor | None = None
+        #: the checks submitted (a test waits on them)
+        self.checks: list[Future] = []
 
     def whole(self, text: str) -> list[int]:
+        """``text`` tokenized in one piece (the Rust tokenizer directly, when there is one: the same ids
+        as the Hugging Face wrapper's call, without its per-call Python work)."""
+        if self._encode_batch is not None:
+            return list(self._encode_batch([text], add_special_tokens=False)[0].ids)
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, text: str) -> list[int]:
@@ -160,11 +173,18 @@ class LineTokenCache:
             cache.popitem(last=False)
         if self.checked < self.CHECKS:
             self.checked += 1
-            if self.whole(text) != out:
-                self.enabled = False
-                log.info("contextpilot proxy: this tokenizer joins tokens across lines; prompts are tokenized whole")
-                return self.whole(text)
+            if self._checker is None:
+                self._checker = ThreadPoolExecutor(1, thread_name_prefix="contextpilot-line-check")
+            self.checks.append(self._checker.submit(self._check, text, list(out)))
         return out
+
+    def _check(self, text: str, ids: list[int]) -> bool:
+        """Whether ``ids`` (the cache's) are ``text`` tokenized whole; turns the cache off if not."""
+        if self.whole(text) == ids:
+            return True
+        self.enabled = False
+        log.info("contextpilot proxy: this tokenizer joins tokens across lines; prompts are tokenized whole")
+        return False
 
 
 class LocalTemplate(PromptRenderer):
