@@ -24,18 +24,26 @@ computed (prefilled) tokens, end-to-end wall time of the trace.
 
 Then the proxy's overhead at ``--concurrency`` concurrent clients (default
 64), two ways, both with the proxy in events mode (rendering, tokenizing,
-binding and the page-exact hit count on every request):
+binding and the page-exact hit count on every request), each after a
+warm-up burst of ``--concurrency`` requests whose own work is reported
+apart (the proxy's first prompts: new documents tokenized, the line-token
+cache's checks, the first prompt located with offsets):
 
 * in front of the vLLM server: the proxy's own work per request (its clock:
   parsing, planning, tokenizing, serialising; not the backend's time);
 * in front of an instant stub backend (separate process): the same clock,
   plus end-to-end latency through the proxy against the stub directly.
 
-Each server, proxy and stub runs in its own process.  Run with the pinned
-environment (4 to 8 minutes with the tiny model on 2 shared cores)::
+Each server, proxy and stub runs in its own process.  With ``--pin-proxy``
+the proxies run on the first CPU and everything else (the engine, the stub,
+the clients) on the others, as a proxy next to a GPU engine has a core of
+its own; otherwise the OS shares the cores among all of them, and the wall
+time of the proxy's own work includes the moments another process ran
+instead.  Run with the pinned environment (4 to 8 minutes with the tiny
+model on 2 shared cores)::
 
     PY=$(bash scripts/setup_env.sh | tail -n1)
-    $PY scripts/bench_proxy.py [--requests 60] [--concurrency 64] [--json out.json]
+    $PY scripts/bench_proxy.py [--requests 60] [--concurrency 64] [--pin-proxy] [--json out.json]
 """
 
 from __future__ import annotations
@@ -90,10 +98,12 @@ def _tail(path: str, n: int = 3000) -> str:
 class Process:
     """A subprocess with its log in a temporary file, stopped on exit."""
 
-    def __init__(self, cmd: list[str], env: dict | None = None, name: str = "proc"):
+    def __init__(self, cmd: list[str], env: dict | None = None, name: str = "proc", cpus: set[int] | None = None):
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-proxy-{name}-", suffix=".log", delete=False).name
         self._f = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, env=env or os.environ.copy(), stdout=self._f, stderr=subprocess.STDOUT)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # before the child starts any thread
+        self.proc = subprocess.Popen(cmd, env=env or os.environ.copy(), stdout=self._f, stderr=subprocess.STDOUT,
+                                     preexec_fn=pin)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -107,9 +117,24 @@ class Process:
         os.unlink(self.log)
 
 
+#: the CPUs every proxy runs on (``--pin-proxy``; None: wherever the OS puts it)
+PROXY_CPUS: set[int] | None = None
+
+
+def pin_proxy() -> set[int]:
+    """Give the proxies the first CPU and move this process (and so every engine, stub and client) off it."""
+    global PROXY_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin-proxy needs at least two CPUs")
+    PROXY_CPUS = {cpus[0]}
+    os.sched_setaffinity(0, set(cpus[1:]))
+    return PROXY_CPUS
+
+
 def start_proxy(backend: str, port: int, extra: list[str]) -> Process:
     p = Process([sys.executable, "-m", "contextpilot_engine.cli", "serve", "--backend", backend, "--port", str(port),
-                 "--log-level", "warning", *extra], name="proxy")
+                 "--log-level", "warning", *extra], name="proxy", cpus=PROXY_CPUS)
     wait_http(f"http://127.0.0.1:{port}/stats", p.proc, 120, p.log)
     return p
 
@@ -197,8 +222,27 @@ def reset_cache(url: str) -> None:
     r.raise_for_status()
 
 
-def proxy_stats(port: int) -> dict:
-    return httpx.get(f"http://127.0.0.1:{port}/stats", timeout=30).json()
+def proxy_stats(port: int, last: int | None = None) -> dict:
+    """The proxy's ``/stats``; with ``last``, its own-work figures cover only the last requests (after a warm-up)."""
+    params = {"last": last} if last else None
+    return httpx.get(f"http://127.0.0.1:{port}/stats", params=params, timeout=30).json()
+
+
+def overhead_run(port: int, load: list, concurrency: int) -> dict:
+    """A warm-up of ``concurrency`` requests, then ``load`` through the proxy; own work of ``load``'s requests only.
+
+    The warm-up's requests are the first the proxy plans: each new document is
+    tokenized, the line-token cache checks its first prompts, the first prompt is
+    located with offsets; their own work is reported apart (``warm_up``)."""
+    url = f"http://127.0.0.1:{port}"
+    warm = concurrent(url, load[:concurrency], concurrency)
+    warm_stats = proxy_stats(port)
+    run = concurrent(url, load, concurrency)
+    stats = proxy_stats(port, last=len(load))
+    return {"run": run, "warm_up": {"run": warm, "overhead": warm_stats["overhead"],
+                                    "overhead_cpu": warm_stats["overhead_cpu"]},
+            "overhead": stats["overhead"], "overhead_cpu": stats["overhead_cpu"], "loop_lag": stats["event_loop_lag"],
+            "mode": stats["mode"], "failures": stats["requests"]}
 
 
 # ------------------------------------------------------------------------------------ phases
@@ -280,12 +324,10 @@ def stub_overhead(model: str, conversations: list, concurrency: int) -> dict:
             deadline = time.monotonic() + 20
             while proxy_stats(proxy_port)["mode"] != "events" and time.monotonic() < deadline:
                 time.sleep(0.1)
-            concurrent(f"http://127.0.0.1:{proxy_port}", conversations[:concurrency], concurrency)  # warm up
             direct = concurrent(f"http://127.0.0.1:{stub_port}", conversations, concurrency)
-            via = concurrent(f"http://127.0.0.1:{proxy_port}", conversations, concurrency)
-            stats = proxy_stats(proxy_port)
-            return {"mode": stats["mode"], "direct": direct, "via_proxy": via, "overhead": stats["overhead"],
-                    "overhead_cpu": stats["overhead_cpu"], "loop_lag": stats["event_loop_lag"]}
+            out = overhead_run(proxy_port, conversations, concurrency)
+            out["direct"], out["via_proxy"] = direct, out.pop("run")
+            return out
         finally:
             pub.close(0)
             ctx.term()
@@ -305,8 +347,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests of each overhead run (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--pin-proxy", action="store_true",
+                        help="run every proxy on the first CPU and everything else on the others (a proxy with a "
+                             "core of its own, as next to a GPU engine)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    if args.pin_proxy:
+        print(f"proxies on CPU {sorted(pin_proxy())}, everything else on CPUs {sorted(os.sched_getaffinity(0))}")
 
     from contextpilot_engine.bench.tiny_model import cached_tiny_model
     from contextpilot_engine.demo import rag_conversations
@@ -355,11 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "--kv-events-replay", f"tcp://127.0.0.1:{replay}"])
         try:
             reset_cache(server.url)
-            run = concurrent(f"http://127.0.0.1:{port}", load, args.concurrency)
-            stats = proxy_stats(port)
-            overhead["vLLM"] = {"run": run, "overhead": stats["overhead"], "overhead_cpu": stats["overhead_cpu"],
-                                "loop_lag": stats["event_loop_lag"],
-                                "mode": stats["mode"], "failures": stats["requests"]}
+            overhead["vLLM"] = overhead_run(port, load, args.concurrency)
         finally:
             proxy.stop()
         print("  overhead in front of vLLM done", flush=True)
@@ -383,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name}{note} | {r['cached_tokens']:,} / {r['prompt_tokens']:,} | {share:.1%} | "
               f"{r['prompt_tokens'] - r['cached_tokens']:,} | {r['wall_s']:.2f} | {ex} |")
     print()
-    print(f"proxy overhead per request at {args.concurrency} concurrent clients ({args.concurrent_requests} requests, "
-          "events mode):")
+    print(f"proxy overhead per request at {args.concurrency} concurrent clients ({args.concurrent_requests} requests "
+          f"after a warm-up of {args.concurrency}, events mode{', proxy pinned to its own CPU' if PROXY_CPUS else ''}):")
     v = overhead["vLLM"]
     print(f"  in front of vLLM: proxy's own work p50 {v['overhead']['p50_ms']:.3f} ms, p99 "
           f"{v['overhead']['p99_ms']:.3f} ms wall (CPU time p50 {v['overhead_cpu']['p50_ms']:.3f}, p99 "
@@ -393,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
           f"ms; end-to-end latency p50 {v['run']['p50_ms']:.0f} ms, p99 {v['run']['p99_ms']:.0f} ms")
     print(f"  in front of vLLM: {v['run']['requests']} answered, {v['run']['failed']} failed {v['run']['failures']}")
     s = overhead["stub"]
+    for where, o in (("vLLM", v), ("the stub", s)):
+        w = o["warm_up"]
+        print(f"  warm-up in front of {where} (its first {w['overhead']['n']} requests): own work p50 "
+              f"{w['overhead']['p50_ms']:.3f} / p99 {w['overhead']['p99_ms']:.3f} / max {w['overhead']['max_ms']:.3f} ms "
+              f"wall, CPU p99 {w['overhead_cpu']['p99_ms']:.3f} ms; {w['run']['failed']} failed")
     print(f"  in front of an instant stub: {s['via_proxy']['requests']} answered through the proxy, "
           f"{s['via_proxy']['failed']} failed {s['via_proxy']['failures']}; directly {s['direct']['requests']} "
           f"answered, {s['direct']['failed']} failed")

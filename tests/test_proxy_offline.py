@@ -370,6 +370,12 @@ def test_memory_stays_bounded_and_64_concurrent_clients_all_get_answers():
             assert r.status_code == 200
         work = client.get("/stats").json()["overhead"]
         assert work["n"] == 400  # the proxy's own work per request is measured (figures: scripts/bench_proxy.py)
+        recent = client.get("/stats", params={"last": 150}).json()
+        assert recent["overhead"]["n"] == recent["overhead_cpu"]["n"] == 150
+        assert recent["overhead"]["max_ms"] <= work["max_ms"]
+        for bad in ("0", "x", "-3"):
+            r = client.get("/stats", params={"last": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "last"
         index = px.proxy.view.modelled.index
         stats = index.stats()
         assert stats["tenants"] <= 4 and stats["nodes"] <= 4 * 50

@@ -334,7 +334,7 @@ class Proxy:
         return {"n": len(data), "p50_ms": data[len(data) // 2] * 1e3,
                 "p99_ms": data[min(len(data) - 1, int(0.99 * len(data)))] * 1e3, "max_ms": data[-1] * 1e3}
 
-    def stats_dict(self) -> dict:
+    def stats_dict(self, last: int | None = None) -> dict:
         c = self.counters
         return {
             "status": "success",
@@ -351,8 +351,8 @@ class Proxy:
                 "compared": c.compared, "exact": c.exact, "expected_tokens": c.expected_tokens,
                 "reported_tokens": c.reported_tokens,
             },
-            "overhead": c.overhead_summary(),
-            "overhead_cpu": c.overhead_summary(cpu=True),
+            "overhead": c.overhead_summary(last=last),
+            "overhead_cpu": c.overhead_summary(cpu=True, last=last),
             "event_loop_lag": self._lag_summary(),
             "index": self.view.stats(),
             "kv_events": self.subscriber.stats.as_dict() if self.subscriber is not None else None,
@@ -367,7 +367,17 @@ class Proxy:
         }
 
     async def stats(self, request: Request) -> Response:
-        return JSONResponse(self.stats_dict())
+        """The figures; ``?last=N`` summarises the own work of the last N requests only (after a warm-up)."""
+        last = request.query_params.get("last")
+        if last is None:
+            return JSONResponse(self.stats_dict())
+        try:
+            n = int(last)
+            if n < 1:
+                raise ValueError
+        except ValueError:
+            return error_response(400, f"last: expected a positive number of requests, got {last!r}", param="last")
+        return JSONResponse(self.stats_dict(last=n))
 
     async def metrics(self, request: Request) -> Response:
         out = metrics.exposition()

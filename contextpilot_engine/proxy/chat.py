@@ -103,8 +103,12 @@ class ProxyCounters:
     #: (expected, reported) of the most recent rewritten requests
     recent: deque = field(default_factory=lambda: deque(maxlen=1000))
 
-    def overhead_summary(self, cpu: bool = False) -> dict:
-        data = sorted(self.overhead_cpu if cpu else self.overhead)
+    def overhead_summary(self, cpu: bool = False, last: int | None = None) -> dict:
+        """p50, p99 and max of the own work per request (CPU time with ``cpu``), of the ``last`` requests only."""
+        samples = self.overhead_cpu if cpu else self.overhead
+        if last is not None:
+            samples = list(samples)[-last:] if last > 0 else []
+        data = sorted(samples)
         if not data:
             return {"n": 0}
 
