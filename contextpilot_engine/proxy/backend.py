@@ -95,8 +95,13 @@ class Backend:
                                                              max_keepalive_connections=per_lane))
                        for _ in range(lanes)]
         self._turn = 0
-        #: the client for probes and other one-off calls
+        #: the client for probes and other one-off calls (not per request: those take :meth:`next_lane`)
         self.client = self._lanes[0]
+
+    def next_lane(self) -> httpx.AsyncClient:
+        """The client for the next per-request call (every request's traffic rotates over the lanes)."""
+        self._turn = (self._turn + 1) % len(self._lanes)
+        return self._lanes[self._turn]
 
     async def aclose(self) -> None:
         for client in self._lanes:
@@ -118,8 +123,7 @@ class Backend:
     async def open(self, method: str, path: str, *, headers: Mapping[str, str] | None = None,
                    content: bytes | None = None, params: Any = None) -> httpx.Response:
         """Send a request and return the response with its body still to be read (close it after)."""
-        self._turn = (self._turn + 1) % len(self._lanes)
-        client = self._lanes[self._turn]
+        client = self.next_lane()
         request = client.build_request(method, path, headers=headers, content=content, params=params)
         try:
             return await client.send(request, stream=True)

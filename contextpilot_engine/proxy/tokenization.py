@@ -229,7 +229,7 @@ class BackendTokenize(PromptRenderer):
         payload = {"model": body.get("model") or self.model, "messages": list(messages),
                    "add_generation_prompt": True, "return_token_strs": True, **template_fields(body)}
         try:
-            r = await self.backend.client.post("/tokenize", json=payload)
+            r = await self.backend.next_lane().post("/tokenize", json=payload)
             data = r.json() if r.status_code == 200 else None
         except Exception:  # the request itself will tell the client if the backend is down
             return None
