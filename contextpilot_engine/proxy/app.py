@@ -42,7 +42,8 @@ from contextpilot_engine.integration.options import OptionError, PluginOptions
 from . import metrics
 from .backend import Backend, BackendError, BackendInfo, BackendTimeouts, probe
 from .cache_view import CacheView, SettlePolicy
-from .chat import RANK_HEADER, ChatPath, ProxyCounters, error_response, forward_headers, response_headers
+from .chat import (RANK_HEADER, ChatPath, ProxyCounters, error_response, forward_headers, response_headers,
+                   seconds_summary)
 from .evictions import ServedPaths
 from contextpilot_engine.integration.kv_events import EventSource, KvEventSubscriber
 from .reorder import reorder_endpoint
@@ -327,13 +328,6 @@ class Proxy:
         return JSONResponse({"status": "success", "message": "Index reset to initial state",
                              "conversation_tracker": "reset"})
 
-    def _lag_summary(self) -> dict:
-        data = sorted(self.loop_lag)
-        if not data:
-            return {"n": 0}
-        return {"n": len(data), "p50_ms": data[len(data) // 2] * 1e3,
-                "p99_ms": data[min(len(data) - 1, int(0.99 * len(data)))] * 1e3, "max_ms": data[-1] * 1e3}
-
     def stats_dict(self, last: int | None = None) -> dict:
         c = self.counters
         return {
@@ -353,7 +347,7 @@ class Proxy:
             },
             "overhead": c.overhead_summary(last=last),
             "overhead_cpu": c.overhead_summary(cpu=True, last=last),
-            "event_loop_lag": self._lag_summary(),
+            "event_loop_lag": seconds_summary(self.loop_lag),
             "index": self.view.stats(),
             "kv_events": self.subscriber.stats.as_dict() if self.subscriber is not None else None,
             "data_parallel": None if len(self.views) == 1 else [

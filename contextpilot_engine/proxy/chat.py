@@ -58,7 +58,7 @@ from .sse import find_usage, sse_events, with_report
 from .tokenization import PromptRenderer
 from .work_clock import WorkClock
 
-__all__ = ["ChatPath", "ProxyCounters", "RANK_HEADER", "error_response", "forward_headers"]
+__all__ = ["ChatPath", "ProxyCounters", "RANK_HEADER", "error_response", "forward_headers", "seconds_summary"]
 
 #: vLLM's header that pins a request to one data-parallel rank (the proxy sets it when the engine has several)
 RANK_HEADER = "X-data-parallel-rank"
@@ -108,14 +108,19 @@ class ProxyCounters:
         samples = self.overhead_cpu if cpu else self.overhead
         if last is not None:
             samples = list(samples)[-last:] if last > 0 else []
-        data = sorted(samples)
-        if not data:
-            return {"n": 0}
+        return seconds_summary(samples)
 
-        def pct(p: float) -> float:
-            return data[min(len(data) - 1, int(p * len(data)))]
 
-        return {"n": len(data), "p50_ms": pct(0.5) * 1e3, "p99_ms": pct(0.99) * 1e3, "max_ms": data[-1] * 1e3}
+def seconds_summary(samples: Any) -> dict:
+    """``n``, p50, p99 and max in milliseconds of durations in seconds (``{"n": 0}`` when there are none)."""
+    data = sorted(samples)
+    if not data:
+        return {"n": 0}
+
+    def pct(p: float) -> float:
+        return data[min(len(data) - 1, int(p * len(data)))]
+
+    return {"n": len(data), "p50_ms": pct(0.5) * 1e3, "p99_ms": pct(0.99) * 1e3, "max_ms": data[-1] * 1e3}
 
 
 class _Json(Exception):
