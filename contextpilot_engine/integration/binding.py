@@ -13,6 +13,8 @@ the engine still holds.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -111,8 +113,44 @@ class TokenByteTable:
             return None  # the tokenizer changed the text (normalisation, a prefix space): cannot trust it
         return ends - self.lengths[ids]
 
+    @classmethod
+    def shared(cls, tokenizer: Any) -> "TokenByteTable | None":
+        """The table of ``tokenizer``, built once per tokenizer object and shared by every state using it.
+
+        Building it walks the whole vocabulary; a proxy keeps several states
+        (per data-parallel rank, served and modelled) over one tokenizer, and
+        each would otherwise build, and hold, its own copy.  Rebuilt when
+        the vocabulary grew (added tokens); a None result (not a byte-level
+        vocabulary) is remembered too.
+        """
+        try:
+            size = len(tokenizer)
+        except Exception:
+            return None
+        with _SHARED_LOCK:
+            try:
+                hit = _SHARED.get(tokenizer)
+            except TypeError:  # not weak-referenceable: keyed by identity, holding the object
+                hit = _SHARED_STRONG.get(id(tokenizer))
+                hit = hit[1:] if hit is not None and hit[0] is tokenizer else None
+            if hit is not None and hit[0] == size:
+                return hit[1]
+            table = cls.from_tokenizer(tokenizer)
+            try:
+                _SHARED[tokenizer] = (size, table)
+            except TypeError:
+                if len(_SHARED_STRONG) >= _SHARED_STRONG_MAX and id(tokenizer) not in _SHARED_STRONG:
+                    _SHARED_STRONG.pop(next(iter(_SHARED_STRONG)))
+                _SHARED_STRONG[id(tokenizer)] = (tokenizer, size, table)
+            return table
 
 
+#: tokenizer -> (vocabulary size, its table), for :meth:`TokenByteTable.shared`
+_SHARED: "weakref.WeakKeyDictionary[Any, tuple[int, TokenByteTable | None]]" = weakref.WeakKeyDictionary()
+#: the same for tokenizers that take no weak reference: id -> (tokenizer, size, table), a few at most
+_SHARED_STRONG: dict[int, tuple[Any, int, "TokenByteTable | None"]] = {}
+_SHARED_STRONG_MAX = 4
+_SHARED_LOCK = threading.Lock()
 
 
 def token_ends_from_offsets(char_ends: Sequence[int], offsets: Sequence[tuple[int, int]]) -> list[int]:

@@ -175,7 +175,7 @@ class EngineState:
                     counter = None
                     if tokenizer is not None:
                         counter = CachedTokenCounter(tokenizer, estimate_unseen=True)
-                        self.token_table = TokenByteTable.from_tokenizer(tokenizer)
+                        self.token_table = TokenByteTable.shared(tokenizer)
                     self.pilot = ContextPilot(config=self.options.pilot, index=self.index, tokenizer=counter)
                 pilot = self.pilot
         return pilot
