@@ -32,7 +32,24 @@ from typing import Iterable, Sequence
 from .blocks import Block
 from .memory_budget import BudgetAccount, resident
 
-__all__ = ["RecentRequests", "ENTRY_BYTES"]
+__all__ = ["RecentRequests", "ENTRY_BYTES", "rank_discount", "RANK_DECAY"]
+
+#: how fast a block's weight falls with its input position (see :func:`rank_discount`)
+RANK_DECAY = 0.2
+
+
+def rank_discount(position: int) -> float:
+    """Weight of a block's evidence by where the caller put it: retrieval order carries relevance.
+
+    Retrievers return their best match first, and the chunks a query ranks
+    highest are the ones other queries on the same topic retrieve again,
+    while the tail of a top-k list varies from query to query.  So among
+    blocks with equal evidence the earlier one is the safer prefix for the
+    requests to come.  Where the caller's order means nothing (a shuffled
+    list) the discount costs a little reuse; on real retrieval traces it
+    gains more than it costs there (BENCHMARKS.md, real-corpus workloads).
+    """
+    return 1.0 / (1.0 + RANK_DECAY * position)
 
 #: approximate resident bytes of one (block, request) pair: its slot in the request's key tuple,
 #: the holder dict's entry (most blocks of a window are held by one request: a bare request number),
@@ -139,7 +156,8 @@ class RecentRequests:
         Returns the candidates placed by evidence, in order, and the others
         (input order) for the caller's fallback.  Each step takes the block
         held by the most recent requests that hold every block placed so far,
-        weighted by its tokens (ties: more tokens, then smaller key, then
+        weighted by its tokens and discounted by its input position
+        (:func:`rank_discount`; ties: more tokens, then smaller key, then
         input order); it stops when no recent request holds everything
         placed.  With nothing placed, every recent request counts.
         """
@@ -166,7 +184,7 @@ class RecentRequests:
                     n = len(h) if support is None else len(h & support)
                 if not n:
                     continue
-                score = (n * b.tokens, b.tokens, -b.key, -pos)
+                score = (n * b.tokens * rank_discount(i), b.tokens, -b.key, -pos)
                 if score > best_score:
                     best, best_score = pos, score
             if best < 0:

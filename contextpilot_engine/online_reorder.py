@@ -9,8 +9,10 @@
    as far as it holds every block up to that point, so the tail follows what
    requests on the same topic keep retrieving together.
 3. Then the rest in *canonical popularity order*: most requested tokens
-   first (requests that contained the block x its tokens, per tenant), then
-   longer blocks, then by content hash.  Two later requests that share
+   first (requests that contained the block x its tokens, per tenant,
+   discounted by the block's position in the request, since retrievers
+   rank their surest matches first), then longer blocks, then by content
+   hash.  Two later requests that share
    popular blocks therefore spell the same prefix, even before either is
    cached, which is what lets the next request reuse this one.
 4. Blocks the conversation is likely to drop before its next turn
@@ -27,6 +29,7 @@ from collections import Counter, defaultdict, deque
 from typing import Collection, Sequence
 
 from .blocks import Block
+from .co_occurrence import rank_discount
 from .index import ContextIndex
 
 __all__ = ["order_online", "order_rest", "canonical_order", "cached_prefix"]
@@ -44,17 +47,22 @@ _NO_POPULARITY = _NoPopularity()
 
 
 def canonical_order(blocks: Sequence[Block], indices: Sequence[int], popularity) -> list[int]:
-    """``indices`` sorted by token-weighted popularity (requests x tokens), then tokens, then key.
+    """``indices`` by token-weighted popularity discounted by input position, then tokens, then key.
 
     Weighing by tokens puts first the blocks whose sharing saves the most
     prefill; a 2% higher hit ratio than plain request counts on the RAG
-    benchmarks.  Equal blocks keep their input order, so the result is stable.
+    benchmarks.  Popularity counts the requests that held the block plus
+    one (this request), so a block never seen before still ranks by its
+    tokens and its position; the position discount
+    (:func:`.co_occurrence.rank_discount`) keeps a retriever's best matches
+    ahead of its tail, which later requests on the topic retrieve less
+    often.  Equal blocks keep their input order, so the result is stable.
     """
     count = popularity.count
 
     def key(i: int):
         b = blocks[i]
-        return (-count(b.key) * b.tokens, -b.tokens, b.key, i)
+        return (-(count(b.key) + 1) * b.tokens * rank_discount(i), -b.tokens, b.key, i)
 
     return sorted(indices, key=key)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contextpilot_engine.blocks import make_block
-from contextpilot_engine.co_occurrence import RecentRequests
+from contextpilot_engine.co_occurrence import RecentRequests, rank_discount
 
 
 def model_extend(window: list[tuple[int, tuple[int, ...]]], blocks, placed, candidates):
@@ -36,7 +36,7 @@ def model_extend(window: list[tuple[int, tuple[int, ...]]], blocks, placed, cand
             n = len(h) if support is None else len(h & support)
             if n:
                 b = blocks[i]
-                scored.append(((n * b.tokens, b.tokens, -b.key, -pos), pos))
+                scored.append(((n * b.tokens * rank_discount(i), b.tokens, -b.key, -pos), pos))
         if not scored:
             break
         pos = max(scored)[1]

@@ -46,6 +46,20 @@ def test_popular_blocks_lead_uncached_requests():
     assert order[0] == "popular"
 
 
+def test_a_retrievers_first_matches_lead_when_nothing_else_tells():
+    # equal tokens, never seen: the caller's (retrieval) order decides, not the content hash
+    for docs in (["doc c", "doc a", "doc b", "doc d"], ["doc d", "doc b", "doc a", "doc c"]):
+        assert docs_in(ContextPilot(tokenizer=lambda t: 50).optimize(docs, "q")) == docs
+
+
+def test_blocks_recent_requests_held_together_keep_their_retrieval_order():
+    for later in (["topic 3", "other", "topic 2"], ["topic 2", "other", "topic 3"]):
+        pilot = ContextPilot(tokenizer=lambda t: 50)
+        pilot.optimize(["topic 1", "topic 2", "topic 3"], "earlier")
+        # nothing is cached as a prefix ("topic 1" is not in the request); the window holds them together
+        assert docs_in(pilot.optimize(later, "later")) == [later[0], later[2], "other"]
+
+
 block_text = st.sampled_from([f"block {i}" for i in range(12)])
 context = st.lists(block_text, min_size=1, max_size=8)
 
