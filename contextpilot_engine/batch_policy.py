@@ -45,7 +45,7 @@ def plan_and_record(
     state = index.peek(tenant)
     if state is not None and state.trie.node_count():
         prefixes = [cached_prefix(index, tenant, preamble.key, blocks)[0] for blocks in batch]
-    plan = plan_batch(batch, prefixes, backend, config.strategies, CandidateConfig.for_batch(len(batch)))
+    plan = plan_batch(batch, prefixes, backend, config.strategies, CandidateConfig.for_batch(len(batch), sum(map(len, batch))))
     schedule = apply_aging_bound(plan.dfs_order, config.max_delay)
     _record_batch(index, config, tenant, batch, plan, schedule, preamble, extra_tokens)
     return plan.orders, schedule

@@ -39,22 +39,32 @@ class CandidateConfig:
     seed: int = 0x5EED
 
     @classmethod
-    def for_batch(cls, n_contexts: int) -> "CandidateConfig":
-        """How hard to look, by batch size.
+    def for_batch(cls, n_contexts: int, blocks: int | None = None) -> "CandidateConfig":
+        """How hard to look, by batch size and (``blocks``) the blocks of all its contexts together.
 
         Small batches get more candidates (better partners, a few % more
         sharing), and keep many partners each: the merge tree then sees the
         second and third best partners of a context too, which is what finds
         the shared cores of topical batches, at little cost since the pairs
-        are already scored; above 50k contexts the lean default keeps 100k contexts well
-        under 10 s.  The tiers were chosen on the benchmark suite so that the
-        plan stays 20x faster than the reference's on the same batch.
+        are already scored.  Contexts of a retriever's top-k size
+        (``SHORT_CONTEXT`` blocks or fewer on average) also meet twice the
+        neighbours in each holder list; the work of the merge tree grows with
+        pairs times blocks, so longer contexts (memories, agent histories)
+        keep the narrower window, where the wider one found nothing more.
+        Above 50k contexts the lean default keeps 100k contexts well under
+        10 s.  The tiers were chosen on the benchmark suite so that the plan
+        stays 20x faster than the reference's on the same batch.
         """
         if n_contexts <= 20_000:
-            return cls(probe_items=10, window=8, per_context=48)
+            short = blocks is not None and blocks <= SHORT_CONTEXT * n_contexts
+            return cls(probe_items=10, window=16 if short else 8, per_context=48)
         if n_contexts <= 50_000:
             return cls(probe_items=10, window=6, per_context=10)
         return cls(probe_items=4, window=3)
+
+
+#: mean blocks per context up to which a small batch meets the wider window (:meth:`CandidateConfig.for_batch`)
+SHORT_CONTEXT = 20
 
 
 def _pairs_within_runs(run_id: np.ndarray, members: np.ndarray, max_gap: int) -> tuple[np.ndarray, np.ndarray]:

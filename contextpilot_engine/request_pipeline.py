@@ -132,7 +132,7 @@ def serve_group(
         else:
             plan = plan_batch(
                 [d.sent_view for d in drafts], [d.prefix for d in drafts], backend, config.strategies,
-                CandidateConfig.for_batch(len(drafts)),
+                CandidateConfig.for_batch(len(drafts), sum(len(d.sent_view) for d in drafts)),
             )
             orders, schedule = plan.orders, apply_aging_bound(plan.dfs_order, config.max_delay)
         for c in schedule:

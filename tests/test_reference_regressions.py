@@ -146,5 +146,11 @@ def test_candidate_generation_is_linear_not_all_pairs():
     lo, hi, shared = candidate_pairs(ib.lengths, ib.items, ib.weights, np.zeros(3000, dtype=np.int64), cfg)
     assert len(lo) <= 3000 * cfg.per_context
     assert (lo < hi).all() and (shared > 0).all()
+    # the small-batch tiers (a wider window for top-k sized contexts) stay linear too
+    for blocks in (len(ib.items), 2 * len(ib.items)):
+        tier = CandidateConfig.for_batch(3000, blocks)
+        lo, hi, shared = candidate_pairs(ib.lengths, ib.items, ib.weights, np.zeros(3000, dtype=np.int64), tier)
+        assert len(lo) <= 3000 * tier.per_context
+    assert CandidateConfig.for_batch(3000, 3000 * 20).window > CandidateConfig.for_batch(3000, 3000 * 21).window
 
 
