@@ -25,6 +25,7 @@ from contextpilot_engine.bench.bounds import (
     mst_bound,
     nested_group_bound,
     online_bound,
+    online_lru_overlaps,
     online_overlaps,
     overlap_matrix,
     trie_reuse,
@@ -129,24 +130,28 @@ def _earlier_by_definition(ctxs, w):
     return best
 
 
-def _best_arrival_order_hits(ctxs, w, page, preamble):
+def _best_arrival_order_hits(ctxs, w, page, preamble, capacity=None):
     """The most hits any choice of per-request block orders gets, requests served in arrival order."""
     best = 0
     for perms in itertools.product(*[sorted(set(itertools.permutations(c))) for c in ctxs]):
-        sim = PrefixCacheSimulator(page, None)
+        sim = PrefixCacheSimulator(page, capacity)
         for i, p in enumerate(perms):
             sim.serve([("preamble", preamble), *((x, w[x]) for x in p), (("tail", i), 5)])
         best = max(best, sum(sim.hits))
     return best
 
 
+def _random_traces(seed, count, requests, universe, weight, blocks):
+    """``count`` random (contexts, weights) pairs; each argument after ``count`` is an inclusive (min, max)."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        items = rng.randint(*universe)
+        w = {x: rng.randint(*weight) for x in range(items)}
+        yield [[rng.randrange(items) for _ in range(rng.randint(*blocks))] for _ in range(rng.randint(*requests))], w
+
+
 def test_online_overlaps_match_the_definition_on_random_traces():
-    rng = random.Random(11)
-    for _ in range(300):
-        n = rng.randint(1, 7)
-        universe = rng.randint(1, 8)
-        w = {x: rng.randint(1, 9) for x in range(universe)}
-        ctxs = [[rng.randrange(universe) for _ in range(rng.randint(1, 5))] for _ in range(n)]
+    for ctxs, w in _random_traces(11, 300, (1, 7), (1, 8), (1, 9), (1, 5)):
         b = intern(ctxs, lambda x: w[x])
         best, partner = online_overlaps(b)
         assert best.tolist() == _earlier_by_definition(ctxs, w)
@@ -160,12 +165,8 @@ def test_online_overlaps_match_the_definition_on_random_traces():
 
 
 def test_online_bound_holds_and_is_reached_where_nothing_conflicts():
-    rng = random.Random(5)
-    for _ in range(60):
-        n = rng.randint(2, 4)
-        universe = rng.randint(2, 5)
-        w = {x: rng.randint(1, 12) for x in range(universe)}
-        ctxs = [[rng.randrange(universe) for _ in range(rng.randint(1, 3))] for _ in range(n)]
+    for ctxs, w in _random_traces(5, 60, (2, 4), (2, 5), (1, 12), (1, 3)):
+        n = len(ctxs)
         best, _ = online_overlaps(intern(ctxs, lambda x: w[x]))
         for page, preamble in ((1, 0), (1, 7), (4, 6), (16, 20)):
             bound = online_bound(best, page, preamble)
@@ -173,6 +174,25 @@ def test_online_bound_holds_and_is_reached_where_nothing_conflicts():
             assert reached <= bound, (ctxs, w, page, preamble)
             if n == 2:  # the second request can always follow the first one's order
                 assert reached == bound, (ctxs, w, page, preamble)
+
+
+def test_lru_online_bound_holds_for_every_order_and_knows_a_flushed_cache():
+    for ctxs, w in _random_traces(23, 80, (2, 4), (2, 6), (1, 24), (1, 3)):
+        batch = intern(ctxs, lambda x: w[x])
+        unlimited = online_overlaps(batch)[0]
+        for page, preamble, capacity in ((1, 0, 9), (4, 6, 12), (4, 3, 40), (8, 2, 16)):
+            best = online_lru_overlaps(batch, capacity, page)
+            assert (best <= unlimited).all()
+            bound = online_bound(best, page, preamble)
+            assert _best_arrival_order_hits(ctxs, w, page, preamble, capacity) <= bound, (ctxs, w, page, capacity)
+    # a big cache changes nothing; one large block in between puts the first request out of reach
+    w = {"a": 40, "b": 40, "big": 400}
+    batch = intern([["a", "b"], ["big"], ["a", "b"]], lambda x: w[x])
+    assert online_lru_overlaps(batch, 10_000, 16).tolist() == online_overlaps(batch)[0].tolist() == [0, 0, 80]
+    assert online_lru_overlaps(batch, 320, 16).tolist() == [0, 0, 0]
+    assert _best_arrival_order_hits([["a", "b"], ["big"], ["a", "b"]], w, 16, 0, 320) == 0
+    with pytest.raises(ValueError, match="capacity_tokens"):
+        online_lru_overlaps(batch, 0, 16)
 
 
 def test_online_bound_charges_one_earlier_partner():

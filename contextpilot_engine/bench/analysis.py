@@ -26,6 +26,7 @@ from .bounds import (
     mst_bound,
     nested_group_bound,
     online_bound,
+    online_lru_overlaps,
     online_overlaps,
     overlap_matrix,
     trie_reuse,
@@ -216,6 +217,8 @@ def analyse_workload(wl: Workload, opts: Options) -> dict:
     preamble = base_prompts[0][0][1] if base_prompts else 0  # every method's prompts share this preamble
     bounds["online"] = online_bound(best)
     bounds["online_hits"] = {f"page{p}": online_bound(best, p, preamble) for p in opts.pages}
+    bounds["online_lru_hits"] = {cap_label: {
+        f"page{p}": online_bound(online_lru_overlaps(batch, capacity, p), p, preamble) for p in opts.pages}}
     out["bounds"] = bounds
     arrival = list(range(len(wl.requests)))
 

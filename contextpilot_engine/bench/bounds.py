@@ -49,6 +49,17 @@ honest the "share of bound" in the report):
   pairs.  At page 1 the trie's reuse does not depend on the order
   the requests are inserted in, so the page-1 sum bounds every method's
   block reuse; the page-floored sums bound hits in arrival order only.
+* :func:`online_lru_overlaps`: the same under a least-recently-used cache
+  of ``C`` tokens.  The deepest page request ``i`` hits was last touched by
+  some earlier request ``r``, whose prompt holds that whole prefix, so ``i``
+  hits at most ``w(S_i & S_r)``; and the page is still there only if the
+  pages touched after it weigh less than ``C``.  Every block that a request
+  between ``r`` and ``i`` holds and ``r`` does not fills at least
+  ``floor(w / page) - 1`` whole pages that no prompt of ``r``'s prefix can
+  name, so where those weigh ``C`` or more, ``r`` is out of reach, whatever
+  the orders.  This is the bound that says how much a small cache leaves
+  to any arrival-order method, against a batch plan that may also reorder
+  execution.
 * :func:`exact_optimum`: the true optimum of a small batch (up to
   ``EXACT_MAX`` requests) by dynamic programming over the laminar families
   above (``4^n``): for a group ``H``, ``B(H) = max`` over partitions of ``H``
@@ -78,6 +89,7 @@ __all__ = [
     "exact_optimum",
     "online_overlaps",
     "online_bound",
+    "online_lru_overlaps",
     "trie_reuse",
     "EXACT_MAX",
 ]
@@ -363,6 +375,49 @@ def online_bound(best: np.ndarray, page: int = 1, offset: int = 0) -> int:
         return 0
     reach = offset + np.asarray(best[1:], dtype=np.int64)
     return int((reach // page * page).sum())
+
+
+def online_lru_overlaps(batch: Interned, capacity_tokens: int, page: int = 16) -> np.ndarray:
+    """Per request, its largest overlap with one earlier request whose pages an LRU cache can still hold.
+
+    ``capacity_tokens`` is the cache (whole pages of ``page`` tokens count,
+    as in the simulator).  Request ``r`` is in reach of ``i`` while the
+    blocks of the requests between them that ``r`` does not hold fill fewer
+    whole pages than the cache (see the module docstring); the result is the
+    largest ``w(S_i & S_r)`` over those ``r``, for :func:`online_bound`.
+    Going back from ``i``, the pages of the requests passed only grow, so the
+    walk stops once they exceed the cache by more than any one request's
+    pages could take back.
+    """
+    if page < 1:
+        raise ValueError(f"page must be >= 1, got {page}")
+    if capacity_tokens < 1:
+        raise ValueError(f"capacity_tokens must be >= 1, got {capacity_tokens}")
+    cap_pages = max(1, capacity_tokens // page)
+    full_pages = np.maximum(batch.weights // page - 1, 0).tolist()
+    weights = batch.weights.tolist()
+    rows = [set(r.tolist()) for r in batch.rows]
+    own = [sum(full_pages[x] for x in r) for r in rows]
+    most_own = max(own, default=0)
+    best = np.zeros(batch.n, dtype=np.int64)
+    for i in range(1, batch.n):
+        mine = rows[i]
+        between: set[int] = set()  # items of the requests strictly between r and i
+        between_pages = 0
+        top = 0
+        for r in range(i - 1, -1, -1):
+            theirs = rows[r]
+            if between_pages - sum(full_pages[x] for x in theirs & between) < cap_pages:
+                shared = sum(weights[x] for x in mine & theirs)
+                if shared > top:
+                    top = shared
+            fresh = theirs - between
+            between |= fresh
+            between_pages += sum(full_pages[x] for x in fresh)
+            if between_pages - most_own >= cap_pages:
+                break
+        best[i] = top
+    return best
 
 
 def exact_optimum(batch: Interned) -> int:

@@ -118,6 +118,12 @@ def _workload_section(name: str, wl: dict) -> list[str]:
             "methods that serve in arrival order."
             if "page16" in b.get("online_hits", {})
             else ""
+        )
+        + "".join(
+            f"  With an LRU cache of {cap} ({wl.get('capacity_tokens', 0):,} tokens) the online bound is "
+            f"{hits['page16']:,}."
+            for cap, hits in b.get("online_lru_hits", {}).items()
+            if "page16" in hits
         ),
     ]
     if "dedup" in wl:
