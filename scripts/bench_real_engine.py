@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 import time
 import urllib.request
@@ -74,6 +75,8 @@ class Run:
     wall_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     applied: int = 0  # responses whose contextpilot field says the plugin rewrote the request
+    #: per response, how many other requests the plugin planned it with (its report's ``planned_with``)
+    planned_with: list[int] = field(default_factory=list)
     note: str = ""
 
     @property
@@ -92,10 +95,21 @@ class Run:
         self.latencies.append(seconds)
         report = (reply.model_extra or {}).get("contextpilot")
         self.applied += bool(report and report.get("applied"))
+        if report and report.get("applied"):
+            self.planned_with.append(int(report.get("planned_with", 0)))
+
+    @property
+    def groups(self) -> dict:
+        """How the plugin grouped the requests: requests planned jointly, groups and the largest."""
+        joint = [n for n in self.planned_with if n]
+        return {"planned_jointly": len(joint), "groups": round(sum(1 / (n + 1) for n in joint)),
+                "largest_group": max(joint, default=-1) + 1}
 
     def summary(self) -> dict:
         lat = sorted(self.latencies)
-        out = {k: v for k, v in asdict(self).items() if k != "latencies"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("latencies", "planned_with")}
+        if self.planned_with:
+            out.update(self.groups)
         out.update(cached_share=self.cached_share, computed_tokens=self.computed_tokens, requests=len(lat),
                    latency_p50_s=lat[len(lat) // 2] if lat else None,
                    latency_p99_s=lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None)
@@ -167,7 +181,7 @@ def plugin_requests(wl, delivery: str) -> list[Request]:
 # Serving
 
 
-def start_server(model: str, kv_blocks: int, max_len: int, plugin: bool):
+def start_server(model: str, kv_blocks: int, max_len: int, plugin: bool, plugin_flags: Sequence[str] = ()):
     """A vLLM OpenAI server (multiprocess, as deployed) with ``kv_blocks`` usable KV blocks."""
     from contextpilot_engine.bench.engine import engine_env
     from contextpilot_engine.vllm_plugin.testing import OpenAIServer
@@ -176,7 +190,7 @@ def start_server(model: str, kv_blocks: int, max_len: int, plugin: bool):
     flags = ["--max-model-len", str(max_len), "--hf-overrides", json.dumps({"max_position_embeddings": max_len}),
              "--num-gpu-blocks-override", str(kv_blocks + 1)]  # vLLM keeps one block back (the null block)
     if plugin:
-        flags.append("--enable-contextpilot")
+        flags += ["--enable-contextpilot", *plugin_flags]
     server = OpenAIServer(model, flags, env=env, startup_timeout=600)
     server.__enter__()
     try:  # the first chat request starts the API server's subscription to the engine core
@@ -261,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delivery", choices=("documents", "contexts"), default="documents",
                    help="how the plugin runs carry the blocks: <document> elements or contextpilot.contexts")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list from: {', '.join(RUNS)}")
+    p.add_argument("--plugin-flags", default="", help="more flags for the plugin's server, e.g. "
+                   "'--contextpilot-arrival-max-wait-ms 200' (default: none, the plugin's defaults)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -318,12 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("plugin", "plugin burst"):
         if name not in runs:
             continue
-        server = start_server(model, kv_blocks, max_len, plugin=True)
+        server = start_server(model, kv_blocks, max_len, plugin=True, plugin_flags=shlex.split(args.plugin_flags))
         try:
             fn = run_burst if name.endswith("burst") else run_one_at_a_time
             results[name] = fn(server, name, made[name])
-            print(f"  {name}: {results[name].cached_share:.1%} cached, {results[name].wall_seconds:.1f} s",
-                  flush=True)
+            grouped = results[name].groups if results[name].planned_with else None
+            print(f"  {name}: {results[name].cached_share:.1%} cached, {results[name].wall_seconds:.1f} s"
+                  + (f"; {grouped['planned_jointly']} requests planned jointly in {grouped['groups']} groups "
+                     f"(largest {grouped['largest_group']})" if grouped else ""), flush=True)
         finally:
             server.__exit__(None, None, None)
 

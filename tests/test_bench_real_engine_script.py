@@ -69,3 +69,15 @@ def test_usage_is_summed_from_prompt_tokens_details(script):
     summary = run.summary()
     assert (run.prompt_tokens, run.cached_tokens, run.computed_tokens, run.applied) == (310, 96, 214, 1)
     assert summary["cached_share"] == pytest.approx(96 / 310) and summary["requests"] == 3
+
+
+def test_groups_are_counted_from_the_reports_planned_with(script):
+    run = script.Run("plugin burst", "burst")
+    usage = SimpleNamespace(prompt_tokens=10, prompt_tokens_details=SimpleNamespace(cached_tokens=0))
+    # a group of 3, one of 2, and one request that went through alone
+    for planned_with in (2, 2, 1, 2, 1, 0):
+        report = {"applied": True, "planned_with": planned_with} if planned_with else {"applied": True}
+        run.add(SimpleNamespace(usage=usage, model_extra={"contextpilot": report}), 0.1)
+    assert run.groups == {"planned_jointly": 5, "groups": 2, "largest_group": 3}
+    summary = run.summary()
+    assert summary["groups"] == 2 and "planned_with" not in summary
