@@ -8,7 +8,9 @@ what the adapter would render is the prepared conversation itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
+import time
 
 import pytest
 
@@ -188,11 +190,116 @@ def test_max_group_closes_a_group_at_that_size():
     assert max(t.group_size for t in results) == 4
 
 
+async def served_after(window, state, conv, delay):
+    """One request arriving ``delay`` s from now, rendered and completed at once; its ticket."""
+    await asyncio.sleep(delay)
+    ticket = await window.arrive(state, [conv], None, None, [])
+    await ticket.finish()
+    ticket.completed()
+    return ticket
+
+
+async def paused_burst(state, convs, pause_s, busy: bool):
+    """``convs`` in two halves ``pause_s`` apart, with one earlier request still being served or not."""
+    window = arrivals.window_for(state)
+    first = await window.arrive(state, [conversation([30, 31], "earlier")], None, None, [])
+    await first.finish()  # admitted: the engine works on it until completed()
+    if not busy:
+        first.completed()
+    half = len(convs) // 2
+    tickets = await asyncio.gather(
+        *(served_after(window, state, convs[n], 0 if n < half else pause_s) for n in range(len(convs)))
+    )
+    serving_before = window.serving
+    first.completed()
+    return tickets, serving_before, window.serving
+
+
+@pytest.mark.parametrize("busy, groups", [(True, 1), (False, 2)])
+def test_a_pause_in_a_burst_splits_it_only_while_the_engine_is_idle(busy, groups):
+    # the pause (10 ms) is longer than the quiet window (2 ms) and shorter than the busy one (25 ms)
+    state = make_state(f"pause-{busy}", arrival_window_ms=2, arrival_busy_window_ms=25)
+    convs = [conversation([n % 6, 6 + n % 4, 12], f"q{n}") for n in range(16)]
+    tickets, serving, after = asyncio.run(paused_burst(state, convs, 0.010, busy))
+    sizes = [t.group_size for t in tickets]
+    if groups == 1:
+        assert sizes == [len(convs)] * len(convs)  # one group: the pause did not close it
+    else:
+        half = len(convs) // 2
+        assert max(sizes[:half]) <= half and max(sizes[half:]) <= half  # cut at the pause
+    assert serving == (1 if busy else 0) and after == 0  # completed requests no longer count as served
+
+
+def test_a_loop_held_up_past_the_quiet_gap_does_not_split_a_burst():
+    # idle engine, 2 ms gaps; the loop is blocked for 20 ms while the group is open, and the rest of
+    # the burst becomes ready during the block, after the group's timer was due: not a quiet gap
+    state = make_state("stall", arrival_window_ms=2, arrival_busy_window_ms=2)
+    convs = [conversation([n % 5, 7, 8], f"q{n}") for n in range(12)]
+
+    async def main():
+        window = arrivals.window_for(state)
+        first = await window.arrive(state, [conversation([30, 31], "earlier")], None, None, [])
+        await first.finish()
+        first.completed()
+
+        async def stall():
+            await asyncio.sleep(0.0005)
+            time.sleep(0.020)  # the server busy elsewhere, holding the loop
+
+        tasks = [served_after(window, state, convs[n], 0 if n < 6 else 0.005) for n in range(len(convs))]
+        *tickets, _ = await asyncio.gather(*tasks, stall())
+        return tickets, window.rearmed
+
+    tickets, rearmed = asyncio.run(main())
+    assert rearmed >= 1
+    assert [t.group_size for t in tickets] == [len(convs)] * len(convs)
+
+
+def test_a_ticket_counts_as_served_from_its_plan_until_completed_or_dropped():
+    state = make_state("serving")
+
+    async def main():
+        window = arrivals.window_for(state)
+        t = await window.arrive(state, [conversation([1, 2], "q")], None, None, [])
+        planned = window.serving
+        await t.finish()
+        admitted = window.serving
+        t.completed()
+        t.completed()  # idempotent
+        done = window.serving
+        u = await window.arrive(state, [conversation([2, 3], "r")], None, None, [])
+        await u.finish()
+        held = window.serving
+        del u  # an adapter that never says completed(): the dropped ticket no longer counts
+        await asyncio.sleep(0)  # the loop lets go of the future that delivered it
+        gc.collect()
+        return planned, admitted, done, held, window.serving
+
+    assert asyncio.run(main()) == (1, 1, 0, 1, 0)
+
+
+def test_completed_with_calls_back_when_the_stream_ends_or_is_closed():
+    async def stream(n):
+        for i in range(n):
+            yield i
+
+    async def main():
+        calls = []
+        got = [c async for c in arrivals.completed_with(stream(3), lambda: calls.append("end"))]
+        closed = arrivals.completed_with(stream(5), lambda: calls.append("closed"))
+        await closed.__anext__()
+        await closed.aclose()  # the client went away after the first chunk
+        return got, calls
+
+    assert asyncio.run(main()) == ([0, 1, 2], ["end", "closed"])
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
         ({"arrival_window_ms": -1}, "arrival_window_ms"),
         ({"arrival_max_wait_ms": "5"}, "arrival_max_wait_ms"),
+        ({"arrival_busy_window_ms": 10_001}, "arrival_busy_window_ms"),
         ({"arrival_max_group": 0}, "arrival_max_group"),
     ],
 )

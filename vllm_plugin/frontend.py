@@ -53,6 +53,12 @@ class OnlineRequest:
     spec: RequestSpec | None
     lora_name: str | None = None
     reports: list = field(default_factory=list)
+    #: the arrival window's tickets of the request's renders, completed with its response
+    tickets: list = field(default_factory=list)
+
+    def completed(self) -> None:
+        for ticket in self.tickets:
+            ticket.completed()
 
 
 _online: contextvars.ContextVar[OnlineRequest | None] = contextvars.ContextVar("contextpilot_online", default=None)
@@ -112,6 +118,8 @@ async def _arrive(renderer: Any, conversations: Any, tok_params: Any) -> tuple[_
         getattr(renderer, "tokenizer", None),
         online.reports if online is not None else None,
     )
+    if online is not None:
+        online.tickets.append(ticket)
     return _render_for(renderer, ticket.prepared, tok_params), ticket
 
 
@@ -231,17 +239,23 @@ def _wrap_create_chat_completion(orig):
             return await orig(self, request, raw_request)
         online = OnlineRequest(spec, _lora_name(self, request))
         token = _online.set(online)
+        streaming = False
         try:
             result = await orig(self, request, raw_request)
+            streaming = hasattr(result, "__aiter__")
         except ContextPilotRequestError as exc:
             return self.create_error_response(str(exc), param="contextpilot")
         finally:
             _online.reset(token)
+            if not streaming:
+                online.completed()
+        if streaming:
+            result = arrivals.completed_with(result, online.completed)
         if not online.reports or not state.options.report:
             return result
         payload = merge_reports(online.reports)
         try:
-            if hasattr(result, "__aiter__"):
+            if streaming:
                 return with_report_in_first_chunk(result, payload)
             if hasattr(result, "choices") and hasattr(result, "usage"):
                 setattr(result, "contextpilot", payload)

@@ -20,6 +20,24 @@ is then planned on a worker thread (the event loop keeps accepting requests,
 which form the next group), and its requests are released in admission
 order.
 
+**A late timer is no quiet gap.**  When the timer that would close a group
+fires later than it was due by more than ``arrival_window_ms``, the event
+loop or the process was held up (another request's work, the machine's other
+processes), and requests may be waiting unread in the server's sockets: the
+group gets one more gap instead of closing.
+
+**While the engine is busy** (a request this window planned earlier is still
+rendering, queued or running, or a group is being planned) the quiet gap
+that closes a group is ``arrival_busy_window_ms`` instead.  A client's burst
+does not reach the server evenly: on a loaded machine the server's own work
+(another request's rendering, the engine client's steps) pauses the stream
+of arrivals, and a group cut at such a pause is planned without the requests
+behind it, which then share little with it (BENCHMARKS.md, the real-corpus
+trace through the vLLM server).  Holding the group a little longer costs its
+requests little then: they would wait behind the requests already running.  The adapter says when a request's response is complete
+(:meth:`Ticket.completed`); a ticket nobody holds any more counts as
+complete, so a lost call never leaves the window believing the engine busy.
+
 **Admission order.**  Each released request renders (templating and
 tokenization run concurrently, as vLLM runs them) but returns from rendering
 only after the request admitted before it has (:meth:`Ticket.finish`), so
@@ -35,18 +53,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from .failopen import report_failure
 from .requests import ContextPilotRequestError, RequestSpec
 from .rewriting import Arrival, Prepared, prepare, prepare_group
 from .state import EngineState
 
-__all__ = ["ArrivalWindow", "Ticket", "window_for"]
+__all__ = ["ArrivalWindow", "Ticket", "window_for", "completed_with"]
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
     """One request's place in its group: what to render, and its turn to reach the engine."""
 
@@ -59,6 +78,12 @@ class Ticket:
     _max_wait_s: float = 0.0
     #: how many requests were planned together with this one (1: alone)
     group_size: int = 1
+    #: the window that issued it: it counts the request as being served from its plan to its completion
+    _window: "ArrivalWindow | None" = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._window is not None:
+            self._window._serving.add(self)  # planned: from now until completed() the engine has work
 
     async def finish(self) -> None:
         """Wait for the predecessor's turn (bounded), then let the successor go; call once, in ``finally``."""
@@ -71,6 +96,12 @@ class Ticket:
         finally:
             if self._done is not None:
                 self._done.set()
+
+    def completed(self) -> None:
+        """The request's response is complete (or failed): the engine no longer works on it.  Idempotent."""
+        window, self._window = self._window, None
+        if window is not None:
+            window._serving.discard(self)
 
 
 @dataclass
@@ -85,16 +116,27 @@ class _Group:
 class ArrivalWindow:
     """The arrival groups of one engine state on one event loop (see the module docstring)."""
 
-    def __init__(self, window_s: float, max_wait_s: float, max_group: int):
+    def __init__(self, window_s: float, max_wait_s: float, max_group: int, busy_window_s: float | None = None):
         self.window_s = window_s
         self.max_wait_s = max_wait_s
         self.max_group = max_group
+        #: the quiet gap that closes a group while the engine is busy (never shorter than ``window_s``)
+        self.busy_window_s = max(window_s, busy_window_s if busy_window_s is not None else window_s)
+        #: tickets planned and not completed: requests rendering, queued or running in the engine
+        self._serving: "weakref.WeakSet[Ticket]" = weakref.WeakSet()
         self._last_arrival = float("-inf")
         self._open: _Group | None = None
         self._planning = 0
         #: requests planned in a group of more than one, and groups planned (for reports and tests)
         self.grouped_requests = 0
         self.groups = 0
+        #: quiet gaps given again because the loop was held up past them (for reports and tests)
+        self.rearmed = 0
+
+    @property
+    def serving(self) -> int:
+        """Requests this window has planned whose responses are not complete yet."""
+        return len(self._serving)
 
     async def arrive(
         self,
@@ -114,7 +156,7 @@ class ArrivalWindow:
         lone = group is None and self._open is None and not self._planning and now - last > self.window_s
         if self.window_s <= 0 or lone or group is None and self._open is not None:
             try:
-                return Ticket(prepare(state, conversations, spec, tokenizer, sink))
+                return Ticket(prepare(state, conversations, spec, tokenizer, sink), _window=self)
             finally:
                 # a request that arrived while this one was planned is concurrent with it
                 self._last_arrival = time.monotonic()
@@ -127,9 +169,29 @@ class ArrivalWindow:
         if len(group.entries) >= self.max_group:
             self._close(group)
         else:
-            delay = min(self.window_s, group.opened + self.max_wait_s - now)
-            group.timer = loop.call_later(max(0.0, delay), self._close, group)
+            self._arm(loop, group, now)
         return await future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, group: _Group, now: float) -> None:
+        """Close ``group`` after a quiet gap from ``now`` (busy or idle), or when it has waited its longest."""
+        quiet = self.busy_window_s if self._serving or self._planning else self.window_s
+        delay = max(0.0, min(quiet, group.opened + self.max_wait_s - now))
+        group.timer = loop.call_later(delay, self._quiet, group, now + delay)
+
+    def _quiet(self, group: _Group, due: float) -> None:
+        """The quiet gap passed: close the group, unless the loop itself was held up past the gap.
+
+        A timer that fires late means the event loop (or the whole process)
+        was busy elsewhere: requests that arrived meanwhile wait in the
+        server's sockets, unseen, and the gap was not quiet.  The group then
+        gets one more gap, from now, to take them (never past its longest wait).
+        """
+        now = time.monotonic()
+        if now - due > self.window_s and now < group.opened + self.max_wait_s:
+            self.rearmed += 1
+            self._arm(asyncio.get_running_loop(), group, now)
+            return
+        self._close(group)
 
     def _close(self, group: _Group) -> None:
         if self._open is group:
@@ -172,7 +234,7 @@ class ArrivalWindow:
                 done.set()
                 future.set_exception(result)
             else:
-                future.set_result(Ticket(result, previous, done, self.max_wait_s, len(entries)))
+                future.set_result(Ticket(result, previous, done, self.max_wait_s, len(entries), self))
             previous = done
 
 
@@ -200,8 +262,18 @@ def window_for(state: EngineState) -> ArrivalWindow:
     if window is None:
         options = state.options
         window = ArrivalWindow(
-            options.arrival_window_ms / 1000.0, options.arrival_max_wait_ms / 1000.0, options.arrival_max_group
+            options.arrival_window_ms / 1000.0, options.arrival_max_wait_ms / 1000.0, options.arrival_max_group,
+            options.arrival_busy_window_ms / 1000.0,
         )
         windows.clear()  # one loop serves an engine's frontend; a new loop replaces the old one's window
         windows[id(loop)] = window
     return window
+
+
+async def completed_with(stream: AsyncIterator[Any], done: Callable[[], None]) -> AsyncIterator[Any]:
+    """Pass a streamed response through and call ``done`` once it ends, fails or is closed by the client."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        done()

@@ -67,8 +67,10 @@ class PluginOptions:
     scheduling_window: int = 32
     #: requests arriving within this many ms of each other are planned together (0: each alone)
     arrival_window_ms: float = 2.0
+    #: while the engine is busy, a group of arrivals closes after this quiet gap instead
+    arrival_busy_window_ms: float = 25.0
     #: a group of arrivals waits at most this long for more before it is planned
-    arrival_max_wait_ms: float = 50.0
+    arrival_max_wait_ms: float = 250.0
     #: a group of arrivals is planned once it holds this many requests
     arrival_max_group: int = 512
     #: core options (PilotConfig), validated by PilotConfig itself
@@ -84,7 +86,7 @@ class PluginOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise OptionError(f"{name}: expected an int >= {minimum}, got {value!r}")
-        for name in ("arrival_window_ms", "arrival_max_wait_ms"):
+        for name in ("arrival_window_ms", "arrival_busy_window_ms", "arrival_max_wait_ms"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 10_000:
                 raise OptionError(f"{name}: expected a number of milliseconds in [0, 10000], got {value!r}")
@@ -143,8 +145,11 @@ OPTION_HELP = {
     "arrival_window_ms": "Requests that reach the server within this many milliseconds of each other (a client "
     "sending a batch at once) are planned together, like optimize_batch, and admitted in the planned order; a "
     "request with no other in that window is never held (0 turns it off; default: 2).",
+    "arrival_busy_window_ms": "While requests let through earlier are still being served (the engine is busy), "
+    "a group of concurrent arrivals closes only after this many milliseconds without a new arrival, so a short "
+    "pause in a client's burst does not split it (never shorter than arrival_window_ms; default: 25).",
     "arrival_max_wait_ms": "Longest a group of concurrent arrivals waits for more requests before it is planned "
-    "(default: 50).",
+    "(default: 250).",
     "arrival_max_group": "A group of concurrent arrivals is planned as soon as it holds this many requests "
     "(default: 512).",
     "capacity_tokens": "Tokens one tenant's modelled cache holds (used only before the engine's mirror is attached).",
