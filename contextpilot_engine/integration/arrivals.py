@@ -34,7 +34,8 @@ does not reach the server evenly: on a loaded machine the server's own work
 of arrivals, and a group cut at such a pause is planned without the requests
 behind it, which then share little with it (BENCHMARKS.md, the real-corpus
 trace through the vLLM server).  Holding the group a little longer costs its
-requests little then: they would wait behind the requests already running.  The adapter says when a request's response is complete
+requests little then: they would wait behind the requests already running.
+The adapter says when a request's response is complete
 (:meth:`Ticket.completed`); a ticket nobody holds any more counts as
 complete, so a lost call never leaves the window believing the engine busy.
 
@@ -116,12 +117,12 @@ class _Group:
 class ArrivalWindow:
     """The arrival groups of one engine state on one event loop (see the module docstring)."""
 
-    def __init__(self, window_s: float, max_wait_s: float, max_group: int, busy_window_s: float | None = None):
+    def __init__(self, window_s: float, max_wait_s: float, max_group: int, busy_window_s: float):
         self.window_s = window_s
         self.max_wait_s = max_wait_s
         self.max_group = max_group
         #: the quiet gap that closes a group while the engine is busy (never shorter than ``window_s``)
-        self.busy_window_s = max(window_s, busy_window_s if busy_window_s is not None else window_s)
+        self.busy_window_s = max(window_s, busy_window_s)
         #: tickets planned and not completed: requests rendering, queued or running in the engine
         self._serving: "weakref.WeakSet[Ticket]" = weakref.WeakSet()
         self._last_arrival = float("-inf")
