@@ -17,7 +17,8 @@ import pytest
 from contextpilot_engine import ContextPilot
 from contextpilot_engine.integration import arrivals
 from contextpilot_engine.integration.options import OptionError, PluginOptions
-from contextpilot_engine.integration.requests import ContextPilotRequestError
+from contextpilot_engine.integration.conversation import RequestContext, find_context, may_carry_blocks
+from contextpilot_engine.integration.requests import ContextPilotRequestError, RequestSpec
 from contextpilot_engine.integration.state import EngineState
 from contextpilot_engine.request_pipeline import PendingRequest
 
@@ -158,6 +159,30 @@ def test_a_burst_is_planned_as_one_group_and_passes_in_admission_order():
     seqs = {n: [sets[n][j] for j in results[n].prepared.plans[0].report["order"]] for n in grouped}
     shared = sum(lcp(seqs[a], seqs[b]) for a, b in zip(order, order[1:]))
     assert shared >= len(grouped) // 2
+
+
+def test_a_request_without_blocks_is_never_held_and_opens_no_group():
+    state = make_state("plain")
+    plain = [{"role": "system", "content": "You answer."}, {"role": "user", "content": "hello"}]
+    no_system = [{"role": "user", "content": "hi there"}]
+    convs = [conversation([n % 4, 6, 7], f"q{n}") for n in range(12)]
+    mixed = convs[:6] + [plain, no_system] + convs[6:]
+
+    async def main():
+        window = arrivals.window_for(state)
+        # plain chats alone, back to back: none waits, none starts a group for the next
+        for conv in (plain, no_system, plain):
+            t = await asyncio.wait_for(window.arrive(state, [conv], None, None, []), 0.5)
+            await t.finish()
+            assert t.group_size == 1 and t.prepared is None
+        assert window.groups == 0 and window._open is None
+        return await burst(state, mixed)
+
+    results, _ = asyncio.run(main())
+    assert [results[n].group_size for n in (6, 7)] == [1, 1] and results[6].prepared is None
+    grouped = [n for n, t in enumerate(results) if t.group_size > 1]
+    assert len(grouped) >= len(convs) - 2 and not {6, 7} & set(grouped)
+    assert all(results[n].group_size == len(grouped) for n in grouped)  # the plain chats did not split it
 
 
 def test_a_bad_request_in_a_burst_gets_its_own_error_and_the_others_go_on():
@@ -306,3 +331,24 @@ def test_completed_with_calls_back_when_the_stream_ends_or_is_closed():
 def test_bad_arrival_options_are_rejected_by_name(options, message):
     with pytest.raises(OptionError, match=message):
         PluginOptions.from_dict(options)
+
+
+@pytest.mark.parametrize(
+    "messages, spec, implicit, carries",
+    [
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}], None, True, False),
+        ([{"role": "user", "content": "q <document>x</document>"}], None, True, False),  # only the system message holds documents
+        ([{"role": "system", "content": "<document>x</document>"}, {"role": "user", "content": "q"}], None, True, True),
+        ([{"role": "system", "content": [{"type": "text", "text": "<document>x</document>"}]}], None, True, True),
+        ([{"role": "system", "content": "<document>x</document>"}], None, False, False),
+        ([{"role": "user", "content": "q", "contextpilot": {"contexts": ["a"]}}], None, True, True),
+        ([{"role": "user", "content": "q"}], RequestSpec(contexts=["a"]), False, True),
+        ([{"role": "system", "content": "<document>x</document>"}], RequestSpec(enabled=False), True, False),
+        ([], None, True, False),
+    ],
+)
+def test_may_carry_blocks_is_false_only_where_find_context_finds_no_blocks(messages, spec, implicit, carries):
+    assert may_carry_blocks(messages, spec, implicit) is carries
+    if not carries:  # never a false "no": the full parse agrees
+        found = find_context(PluginOptions().pilot, messages, spec, implicit)
+        assert not isinstance(found, RequestContext)

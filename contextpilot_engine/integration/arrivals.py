@@ -10,7 +10,8 @@ Planned jointly (:func:`.rewriting.prepare_group`, the batch planner of
 ``optimize_batch``), they share prefixes; admitted back to back, each reuses
 the KV of the one before.
 
-**The window.**  A request that arrives when no other arrived in the last
+**The window.**  A request that carries no context blocks (a plain chat
+turn) goes through at once and opens no group.  A request that arrives when no other arrived in the last
 ``arrival_window_ms`` and no group is open or being planned goes through at
 once: a lone request is never held.  One that arrives within the window of
 the previous arrival opens a group, or joins the open one.  The group closes
@@ -58,6 +59,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
+from .conversation import may_carry_blocks
 from .failopen import report_failure
 from .requests import ContextPilotRequestError, RequestSpec
 from .rewriting import Arrival, Prepared, prepare, prepare_group
@@ -148,6 +150,9 @@ class ArrivalWindow:
         sink: list | None = None,
     ) -> Ticket:
         """The request's plan and its admission ticket; raises :class:`ContextPilotRequestError` for bad client data."""
+        if not any(may_carry_blocks(c, spec, state.options.implicit_documents) for c in conversations):
+            # nothing to plan with others: never held, and no group opened for the requests after it
+            return Ticket(prepare(state, conversations, spec, tokenizer, sink), _window=self)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         last, self._last_arrival = self._last_arrival, now

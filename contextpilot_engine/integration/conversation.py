@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from contextpilot_engine.config import PilotConfig
     from contextpilot_engine.pilot import ContextPilot
 
-__all__ = ["Plan", "RequestContext", "find_context", "plan_conversation", "plan_conversations",
+__all__ = ["Plan", "RequestContext", "find_context", "may_carry_blocks", "plan_conversation", "plan_conversations",
            "pending_conversation", "plan_from_served", "fallback_conversation",
            "strip_message_specs", "text_of", "DOCUMENT_PATTERN"]
 
@@ -159,6 +159,34 @@ class RequestContext:
     rest: list
     #: the last user message's text
     query: str
+
+
+def may_carry_blocks(messages: Sequence[Any], spec: RequestSpec | None, implicit_documents: bool) -> bool:
+    """Whether the conversation could carry context blocks; False only where it certainly carries none.
+
+    A cheap look, without parsing anything (:func:`find_context` does that
+    when the request is planned): the arrival window uses it so that a plain
+    chat request is never held back to be planned with a burst it cannot
+    share anything with.
+    """
+    if spec is not None:
+        if not spec.enabled:
+            return False
+        if spec.contexts is not None:
+            return True
+    first = None
+    for msg in messages:
+        if isinstance(msg, dict):
+            if "contextpilot" in msg:
+                return True
+            if first is None:
+                first = msg
+        elif first is None:
+            first = False
+    if not implicit_documents or not first or first.get("role") != "system":
+        return False
+    text = text_of(first.get("content"))
+    return text is not None and "<document" in text
 
 
 def find_context(
