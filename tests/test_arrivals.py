@@ -255,6 +255,29 @@ def test_a_pause_in_a_burst_splits_it_only_while_the_engine_is_idle(busy, groups
     assert serving == (1 if busy else 0) and after == 0  # completed requests no longer count as served
 
 
+def test_steady_traffic_on_a_busy_engine_is_not_held_as_a_burst():
+    # two requests together open a group; the rest come one every 8 ms (longer than the quiet
+    # window, shorter than the busy one) while an earlier request is still being served: that is
+    # steady traffic, and the group closes once most of its gaps were long, not after max_wait
+    state = make_state("steady", arrival_window_ms=2, arrival_busy_window_ms=25, arrival_max_wait_ms=250)
+    convs = [conversation([n % 5, 7, 8], f"q{n}") for n in range(12)]
+
+    async def main():
+        window = arrivals.window_for(state)
+        first = await window.arrive(state, [conversation([30, 31], "earlier")], None, None, [])
+        await first.finish()  # still served: the engine is busy throughout
+        start = time.monotonic()
+        delays = [0.0, 0.0] + [0.008 * k for k in range(1, len(convs) - 1)]
+        tickets = await asyncio.gather(*(served_after(window, state, c, d) for c, d in zip(convs, delays)))
+        first.completed()
+        return tickets, time.monotonic() - start
+
+    tickets, took = asyncio.run(main())
+    sizes = [t.group_size for t in tickets]
+    assert max(sizes) <= 4, sizes  # not one group held open across the whole stream
+    assert took < 0.2  # the last request went within a short gap of arriving, not at max_wait
+
+
 def test_a_loop_held_up_past_the_quiet_gap_does_not_split_a_burst():
     # idle engine, 2 ms gaps; the loop is blocked for 20 ms while the group is open, and the rest of
     # the burst becomes ready during the block, after the group's timer was due: not a quiet gap
@@ -268,7 +291,8 @@ def test_a_loop_held_up_past_the_quiet_gap_does_not_split_a_burst():
         first.completed()
 
         async def stall():
-            await asyncio.sleep(0.0005)
+            await asyncio.sleep(0)  # the first half arrives in the next turn of the loop,
+            await asyncio.sleep(0)  # so the block starts right after it (a timer could fire late on a loaded machine)
             time.sleep(0.020)  # the server busy elsewhere, holding the loop
 
         tasks = [served_after(window, state, convs[n], 0 if n < 6 else 0.005) for n in range(len(convs))]

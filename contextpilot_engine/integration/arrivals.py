@@ -28,14 +28,19 @@ processes), and requests may be waiting unread in the server's sockets: the
 group gets one more gap instead of closing.
 
 **While the engine is busy** (a request this window planned earlier is still
-rendering, queued or running, or a group is being planned) the quiet gap
-that closes a group is ``arrival_busy_window_ms`` instead.  A client's burst
+rendering, queued or running, or a group is being planned) and the group is
+a burst (most of its requests came within ``arrival_window_ms`` of the one
+before) the quiet gap that closes a group is ``arrival_busy_window_ms``
+instead.  A client's burst
 does not reach the server evenly: on a loaded machine the server's own work
 (another request's rendering, the engine client's steps) pauses the stream
 of arrivals, and a group cut at such a pause is planned without the requests
 behind it, which then share little with it (BENCHMARKS.md, the real-corpus
 trace through the vLLM server).  Holding the group a little longer costs its
 requests little then: they would wait behind the requests already running.
+Steady traffic on a busy engine is no burst: its requests come a few ms
+apart, and the longer gap would hold nearly every one of them for up to
+``arrival_max_wait_ms``.
 The adapter says when a request's response is complete
 (:meth:`Ticket.completed`); a ticket nobody holds any more counts as
 complete, so a lost call never leaves the window believing the engine busy.
@@ -114,6 +119,21 @@ class _Group:
     opened: float
     entries: list[tuple[Arrival, asyncio.Future]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    #: when the last request joined, and how many of the gaps between joins were within the idle
+    #: window (the first request joined within it of the arrival before, or it would have gone alone)
+    last: float = 0.0
+    short_gaps: int = 0
+
+    def join(self, now: float, window_s: float) -> None:
+        if self.entries:
+            self.short_gaps += now - self.last <= window_s
+        else:
+            self.short_gaps = 1
+        self.last = now
+
+    def is_burst(self) -> bool:
+        """Most of the group's requests came within the idle window of the one before."""
+        return 2 * self.short_gaps > len(self.entries)
 
 
 class ArrivalWindow:
@@ -169,6 +189,7 @@ class ArrivalWindow:
         if group is None:
             group = self._open = _Group(state, tokenizer, now)
         future: asyncio.Future = loop.create_future()
+        group.join(now, self.window_s)
         group.entries.append((Arrival(conversations, spec, sink), future))
         if group.timer is not None:
             group.timer.cancel()
@@ -180,7 +201,8 @@ class ArrivalWindow:
 
     def _arm(self, loop: asyncio.AbstractEventLoop, group: _Group, now: float) -> None:
         """Close ``group`` after a quiet gap from ``now`` (busy or idle), or when it has waited its longest."""
-        quiet = self.busy_window_s if self._serving or self._planning else self.window_s
+        busy = (self._serving or self._planning) and group.is_burst()
+        quiet = self.busy_window_s if busy else self.window_s
         delay = max(0.0, min(quiet, group.opened + self.max_wait_s - now))
         group.timer = loop.call_later(delay, self._quiet, group, now + delay)
 
