@@ -47,10 +47,12 @@ class CandidateConfig:
         second and third best partners of a context too, which is what finds
         the shared cores of topical batches, at little cost since the pairs
         are already scored.  Contexts of a retriever's top-k size
-        (``SHORT_CONTEXT`` blocks or fewer on average) probe with most of
-        their blocks, meet three times the neighbours in each holder list and
-        keep more partners: on top-20 retrieval traces the partners that only
-        a wider search finds are what the merge tree needs.  The work of the
+        (``SHORT_CONTEXT`` blocks or fewer on average) meet twice the
+        neighbours in each holder list; those of more than ten blocks (a
+        top-20 retrieval) also probe with most of their blocks, meet three
+        times the neighbours and keep more partners: there the partners that
+        only the wider search finds are what the merge tree needs, while on
+        top-10 contexts it found nothing more.  The work of the
         merge tree grows with pairs times blocks, so longer contexts
         (memories, agent histories) keep the narrower search, where the wider
         one found nothing more.
@@ -59,9 +61,11 @@ class CandidateConfig:
         stays 20x faster than the reference's on the same batch.
         """
         if n_contexts <= 20_000:
-            if blocks is not None and blocks <= SHORT_CONTEXT * n_contexts:
+            if blocks is None or blocks > SHORT_CONTEXT * n_contexts:
+                return cls(probe_items=10, window=8, per_context=48)
+            if blocks > 10 * n_contexts:  # more blocks than the narrower search probes
                 return cls(probe_items=16, window=24, per_context=64)
-            return cls(probe_items=10, window=8, per_context=48)
+            return cls(probe_items=10, window=16, per_context=48)
         if n_contexts <= 50_000:
             return cls(probe_items=10, window=6, per_context=10)
         return cls(probe_items=4, window=3)
