@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -376,3 +379,17 @@ def test_may_carry_blocks_is_false_only_where_find_context_finds_no_blocks(messa
     if not carries:  # never a false "no": the full parse agrees
         found = find_context(PluginOptions().pilot, messages, spec, implicit)
         assert not isinstance(found, RequestContext)
+
+
+def test_bench_arrivals_script_reports_each_rate():
+    # scripts/bench_arrivals.py, at a tiny size: one line per rate, and at a rate that keeps the
+    # engine busy most requests still go through without waiting for a group
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_arrivals.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--rates", "40,80", "--requests", "40", "--service-ms", "100"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.splitlines()
+    assert out[0].split()[:2] == ["req/s", "mean"] and [line.split()[0] for line in out[1:]] == ["40", "80"]
+    for line in out[1:]:
+        rate, mean, median, p99, grouped, groups = line.split()
+        assert float(median) < 10 and int(grouped) <= 40
