@@ -47,12 +47,12 @@ class CandidateConfig:
         second and third best partners of a context too, which is what finds
         the shared cores of topical batches, at little cost since the pairs
         are already scored.  Contexts of a retriever's top-k size
-        (``SHORT_CONTEXT`` blocks or fewer on average) meet twice the
-        neighbours in each holder list; those of more than ten blocks (a
-        top-20 retrieval) also probe with most of their blocks, meet three
-        times the neighbours and keep more partners: there the partners that
-        only the wider search finds are what the merge tree needs, while on
-        top-10 contexts it found nothing more.  The work of the
+        (``SHORT_CONTEXT`` blocks or fewer on average) also probe with more
+        of their blocks (all of a top-10 retrieval, most of a top-20 one)
+        and meet twice the neighbours in each holder list: probing more of a
+        top-20 context's blocks finds partners that its ten rarest miss.
+        Wider windows and more partners than that found little more on
+        the real retrieval traces and cost a quarter more time.  The work of the
         merge tree grows with pairs times blocks, so longer contexts
         (memories, agent histories) keep the narrower search, where the wider
         one found nothing more.
@@ -63,9 +63,7 @@ class CandidateConfig:
         if n_contexts <= 20_000:
             if blocks is None or blocks > SHORT_CONTEXT * n_contexts:
                 return cls(probe_items=10, window=8, per_context=48)
-            if blocks > 10 * n_contexts:  # more blocks than the narrower search probes
-                return cls(probe_items=16, window=24, per_context=64)
-            return cls(probe_items=10, window=16, per_context=48)
+            return cls(probe_items=16, window=16, per_context=48)
         if n_contexts <= 50_000:
             return cls(probe_items=10, window=6, per_context=10)
         return cls(probe_items=4, window=3)
