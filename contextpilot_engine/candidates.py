@@ -50,12 +50,12 @@ class CandidateConfig:
         (``SHORT_CONTEXT`` blocks or fewer on average) also probe with more
         of their blocks (all of a top-10 retrieval, most of a top-20 one)
         and meet twice the neighbours in each holder list: probing more of a
-        top-20 context's blocks finds partners that its ten rarest miss.
-        Wider windows and more partners than that found little more on
-        the real retrieval traces and cost a quarter more time.  The work of the
+        top-20 context's blocks finds partners that its rarest ones miss.
+        Wider windows and more partners than that found little more on the
+        real retrieval traces, for much more planning time.  The work of the
         merge tree grows with pairs times blocks, so longer contexts
-        (memories, agent histories) keep the narrower search, where the wider
-        one found nothing more.
+        (memories, agent histories) keep the narrower search, where the
+        wider one found nothing more.
         Above 50k contexts the lean default keeps 100k contexts well under
         10 s.  The tiers were chosen on the benchmark suite so that the plan
         stays 20x faster than the reference's on the same batch.
