@@ -10,16 +10,16 @@ Planned jointly (:func:`.rewriting.prepare_group`, the batch planner of
 ``optimize_batch``), they share prefixes; admitted back to back, each reuses
 the KV of the one before.
 
-**The window.**  A request that carries no context blocks (a plain chat
-turn) goes through at once and opens no group.  A request that arrives when no other arrived in the last
-``arrival_window_ms`` and no group is open or being planned goes through at
-once: a lone request is never held.  One that arrives within the window of
-the previous arrival opens a group, or joins the open one.  The group closes
-when the window passes with no new arrival, when it has been open
-``arrival_max_wait_ms``, or when it holds ``arrival_max_group`` requests; it
-is then planned on a worker thread (the event loop keeps accepting requests,
-which form the next group), and its requests are released in admission
-order.
+**The window.**  A request that carries no context blocks (a plain chat turn)
+goes through at once and opens no group.  A request that arrives when no
+other arrived in the last ``arrival_window_ms`` and no group is open or
+being planned goes through at once: a lone request is never held.  One that
+arrives within the window of the previous arrival opens a group, or joins
+the open one.  The group closes when the window passes with no new arrival,
+when it has been open ``arrival_max_wait_ms``, or when it holds
+``arrival_max_group`` requests; it is then planned on a worker thread (the
+event loop keeps accepting requests, which form the next group), and its
+requests are released in admission order.
 
 **A late timer is no quiet gap.**  When the timer that would close a group
 fires later than it was due by more than ``arrival_window_ms``, the event
@@ -31,19 +31,18 @@ group gets one more gap instead of closing.
 rendering, queued or running, or a group is being planned) and the group is
 a burst (most of its requests came within ``arrival_window_ms`` of the one
 before) the quiet gap that closes a group is ``arrival_busy_window_ms``
-instead.  A client's burst
-does not reach the server evenly: on a loaded machine the server's own work
-(another request's rendering, the engine client's steps) pauses the stream
-of arrivals, and a group cut at such a pause is planned without the requests
-behind it, which then share little with it (BENCHMARKS.md, the real-corpus
-trace through the vLLM server).  Holding the group a little longer costs its
-requests little then: they would wait behind the requests already running.
-Steady traffic on a busy engine is no burst: its requests come a few ms
-apart, and the longer gap would hold nearly every one of them for up to
-``arrival_max_wait_ms``.
-The adapter says when a request's response is complete
-(:meth:`Ticket.completed`); a ticket nobody holds any more counts as
-complete, so a lost call never leaves the window believing the engine busy.
+instead.  A client's burst does not reach the server evenly: on a loaded
+machine the server's own work (another request's rendering, the engine
+client's steps) pauses the stream of arrivals, and a group cut at such a
+pause is planned without the requests behind it, which then share little
+with it (BENCHMARKS.md, the real-corpus trace through the vLLM server).
+Holding the group a little longer costs its requests little then: they would
+wait behind the requests already running.  Steady traffic on a busy engine is
+no burst: its requests come a few ms apart, and the longer gap would hold
+nearly every one of them for up to ``arrival_max_wait_ms``.  The adapter says
+when a request's response is complete (:meth:`Ticket.completed`); a ticket
+nobody holds any more counts as complete, so a lost call never leaves the
+window believing the engine busy.
 
 **Admission order.**  Each released request renders (templating and
 tokenization run concurrently, as vLLM runs them) but returns from rendering
@@ -122,13 +121,11 @@ class _Group:
     #: when the last request joined, and how many of the gaps between joins were within the idle
     #: window (the first request joined within it of the arrival before, or it would have gone alone)
     last: float = 0.0
-    short_gaps: int = 0
+    short_gaps: int = 1
 
     def join(self, now: float, window_s: float) -> None:
         if self.entries:
             self.short_gaps += now - self.last <= window_s
-        else:
-            self.short_gaps = 1
         self.last = now
 
     def is_burst(self) -> bool:

@@ -174,16 +174,10 @@ def may_carry_blocks(messages: Sequence[Any], spec: RequestSpec | None, implicit
             return False
         if spec.contexts is not None:
             return True
-    first = None
-    for msg in messages:
-        if isinstance(msg, dict):
-            if "contextpilot" in msg:
-                return True
-            if first is None:
-                first = msg
-        elif first is None:
-            first = False
-    if not implicit_documents or not first or first.get("role") != "system":
+    if any(isinstance(msg, dict) and "contextpilot" in msg for msg in messages):
+        return True
+    first = messages[0] if messages else None
+    if not implicit_documents or not isinstance(first, dict) or first.get("role") != "system":
         return False
     text = text_of(first.get("content"))
     return text is not None and "<document" in text
