@@ -34,9 +34,9 @@ from contextpilot_engine.local_search import _add, _best_path, _detach, _Node
 from contextpilot_engine.pilot import ContextPilot
 
 
-def capture_plan(workload: str, seed: int):
+def capture_plan(workload: str, seed: int, smoke: bool = False):
     """The workload and the :class:`BatchPlan` that ``optimize_batch`` builds for it, with its planning time."""
-    wl = build(workload, smoke=False, seed=seed)
+    wl = build(workload, smoke=smoke, seed=seed)
     captured = []
     original = batch_policy.plan_batch
 
@@ -132,9 +132,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--neighbourhood", type=int, default=12, help="contexts taken out together")
     ap.add_argument("--rng", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="the workload's small size")
     args = ap.parse_args()
 
-    wl, plan, plan_seconds = capture_plan(args.workload, args.seed)
+    wl, plan, plan_seconds = capture_plan(args.workload, args.seed, args.smoke)
     batch = plan.batch
     w = batch.weights.tolist()
     flat, bounds = plan.sequence.tolist(), batch.starts.tolist()
