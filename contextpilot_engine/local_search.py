@@ -30,7 +30,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["polish", "POLISH_MAX_ITEMS", "POLISH_WORK"]
+__all__ = [
+    "polish",
+    "POLISH_MAX_ITEMS",
+    "POLISH_WORK",
+    "TreeNode",
+    "add_path",
+    "detach_path",
+    "reattach_path",
+    "best_path",
+]
 
 #: (context, block) pairs above which the polish is skipped outright
 POLISH_MAX_ITEMS = 400_000
@@ -39,30 +48,30 @@ POLISH_MAX_ITEMS = 400_000
 POLISH_WORK = 400_000
 
 
-class _Node:
+class TreeNode:
     __slots__ = ("children", "count")
 
     def __init__(self) -> None:
-        self.children: dict[int, _Node] = {}
+        self.children: dict[int, TreeNode] = {}
         self.count = 0
 
 
-def _add(root: _Node, seq: list[int]) -> None:
+def add_path(root: TreeNode, seq: list[int]) -> None:
     node = root
     for item in seq:
         child = node.children.get(item)
         if child is None:
-            child = node.children[item] = _Node()
+            child = node.children[item] = TreeNode()
         child.count += 1
         node = child
 
 
-def _detach(root: _Node, seq: list[int], w: list[int]) -> tuple[int, tuple[_Node, int, _Node] | None]:
+def detach_path(root: TreeNode, seq: list[int], w: list[int]) -> tuple[int, tuple[TreeNode, int, TreeNode] | None]:
     """Take ``seq`` out of the tree; return the tokens it still shares with the others and what was cut.
 
     Counts drop along the path; the first node that only ``seq`` went
     through is cut off whole (its subtree is ``seq``'s private tail) and
-    returned as ``(parent, item, node)`` so :func:`_reattach` can put it
+    returned as ``(parent, item, node)`` so :func:`reattach_path` can put it
     back without rebuilding it.
     """
     node, shared = root, 0
@@ -77,8 +86,8 @@ def _detach(root: _Node, seq: list[int], w: list[int]) -> tuple[int, tuple[_Node
     return shared, None
 
 
-def _reattach(root: _Node, seq: list[int], cut: tuple[_Node, int, _Node] | None) -> None:
-    """Undo :func:`_detach` of an unchanged ``seq``."""
+def reattach_path(root: TreeNode, seq: list[int], cut: tuple[TreeNode, int, TreeNode] | None) -> None:
+    """Undo :func:`detach_path` of an unchanged ``seq``."""
     node = root
     for item in seq:
         child = node.children.get(item)
@@ -91,8 +100,8 @@ def _reattach(root: _Node, seq: list[int], cut: tuple[_Node, int, _Node] | None)
         node = child
 
 
-def _best_path(
-    start: _Node, items: set[int], w: list[int], budget: int, ceiling: int
+def best_path(
+    start: TreeNode, items: set[int], w: list[int], budget: int, ceiling: int
 ) -> tuple[int, list[int], int]:
     """Heaviest path below ``start`` spelled by ``items`` (ties: more contexts on its end node).
 
@@ -102,7 +111,7 @@ def _best_path(
     """
     best_total, best_count, best_cell = 0, 0, None
     initial = budget
-    stack: list[tuple[_Node, int, tuple | None]] = [(start, 0, None)]
+    stack: list[tuple[TreeNode, int, tuple | None]] = [(start, 0, None)]
     while stack and budget > 0:
         node, acc, cell = stack.pop()
         children = node.children
@@ -154,16 +163,16 @@ def polish(
     seqs = [flat[bounds[c] : bounds[c + 1]] for c in range(n)]
     keep = [0] * n if fixed is None else fixed.tolist()
     cap = [sum(w)] * n if limit is None else limit.tolist()
-    root = _Node()
+    root = TreeNode()
     for s in seqs:
-        _add(root, s)
+        add_path(root, s)
     for _ in range(passes):
         moved = 0
         for c in range(n):
             if work <= 0:
                 break
             s = seqs[c]
-            current, cut = _detach(root, s, w)  # what it shares with the others
+            current, cut = detach_path(root, s, w)  # what it shares with the others
             # walk its fixed prefix, then search below it
             head, start, base = s[: keep[c]], root, 0
             for item in head:
@@ -177,15 +186,15 @@ def polish(
             # a context shared in full, or as far as its best partner allows, cannot do better
             if start is not None and current < total and current < base + cap[c]:
                 rest = set(s[keep[c] :])
-                gain, path, visited = _best_path(start, rest, w, min(search_budget, work), total - base)
+                gain, path, visited = best_path(start, rest, w, min(search_budget, work), total - base)
                 work -= visited
                 if base + gain > current:
                     rest.difference_update(path)
                     seqs[c] = head + path + sorted(rest)
                     moved += 1
-                    _add(root, seqs[c])
+                    add_path(root, seqs[c])
                     continue
-            _reattach(root, s, cut)
+            reattach_path(root, s, cut)
         if not moved or work <= 0:
             break
     return np.fromiter((x for s in seqs for x in s), dtype=np.int64, count=len(flat))

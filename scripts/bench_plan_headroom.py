@@ -30,7 +30,7 @@ from collections import Counter
 
 from contextpilot_engine import batch_policy
 from contextpilot_engine.bench.presets import build
-from contextpilot_engine.local_search import _add, _best_path, _detach, _Node
+from contextpilot_engine.local_search import TreeNode, add_path, best_path, detach_path
 from contextpilot_engine.pilot import ContextPilot
 
 
@@ -59,9 +59,9 @@ def capture_plan(workload: str, seed: int, smoke: bool = False):
 
 def tree_reuse(seqs: list[list[int]], w: list[int]) -> int:
     """Tokens shared in the prefix tree of ``seqs``: sum over nodes of (sequences through it - 1) * tokens."""
-    root = _Node()
+    root = TreeNode()
     for s in seqs:
-        _add(root, s)
+        add_path(root, s)
     total, stack = 0, [root]
     while stack:
         node = stack.pop()
@@ -76,9 +76,9 @@ class Search:
 
     def __init__(self, seqs: list[list[int]], w: list[int], rng: random.Random) -> None:
         self.seqs, self.w, self.rng = seqs, w, rng
-        self.root = _Node()
+        self.root = TreeNode()
         for s in seqs:
-            _add(self.root, s)
+            add_path(self.root, s)
         self.holders: dict[int, list[int]] = {}
         for c, s in enumerate(seqs):
             for item in s:
@@ -100,17 +100,17 @@ class Search:
             items = set(self.seqs[c])
             pending.subtract(items)
             ceiling = sum(self.w[i] for i in items)
-            gain, path, _ = _best_path(self.root, items, self.w, 5000, ceiling)
+            gain, path, _ = best_path(self.root, items, self.w, 5000, ceiling)
             items.difference_update(path)
             new[c] = path + sorted(items, key=lambda i: (-pending[i], i))
-            _add(self.root, new[c])
+            add_path(self.root, new[c])
             gained += gain
         return gained
 
     def step(self, size: int) -> int:
         """One ruin-and-recreate move; returns the change in shared tokens (0 when rejected)."""
         group = self.neighbourhood(self.rng.randrange(len(self.seqs)), size)
-        lost = sum(_detach(self.root, self.seqs[c], self.w)[0] for c in group)
+        lost = sum(detach_path(self.root, self.seqs[c], self.w)[0] for c in group)
         self.rng.shuffle(group)
         new: dict[int, list[int]] = {}
         gained = self._insert(group, new)
@@ -119,9 +119,9 @@ class Search:
                 self.seqs[c] = new[c]
             return gained - lost
         for c in group:  # undo: the old orders go back and the tree is as before
-            _detach(self.root, new[c], self.w)
+            detach_path(self.root, new[c], self.w)
         for c in group:
-            _add(self.root, self.seqs[c])
+            add_path(self.root, self.seqs[c])
         return 0
 
 
