@@ -290,6 +290,30 @@ def test_backend_down_is_a_502_naming_it_and_slow_is_a_504_never_a_hang():
             assert stats["requests"]["backend_errors"] == 2
 
 
+def test_a_client_that_disconnects_takes_the_backend_call_with_it():
+    """A non-streamed request whose client gives up is dropped at the backend too (the stub aborts like vLLM)."""
+    with StubBackend(delay_s=5.0) as slow, ProxyThread(ProxyConfig(backend=slow.url)) as px:
+        with pytest.raises(httpx.ReadTimeout):
+            chat(httpx.Client(base_url=px.url, timeout=0.5), DOCS[:3])
+        assert wait_for(lambda: slow.aborted == 1, timeout=4.0)  # well before the stub's 5 s answer
+        stats = httpx.get(px.url + "/stats", timeout=10).json()
+        assert stats["requests"]["client_gone"] == 1 and stats["requests"]["backend_errors"] == 0
+        slow.delay_s = 0.0
+        assert chat(httpx.Client(base_url=px.url, timeout=10), DOCS[:3]).status_code == 200  # and serves on
+
+
+def test_headers_past_ascii_and_odd_fields_are_forwarded_not_a_500():
+    with StubBackend() as be, ProxyThread(ProxyConfig(backend=be.url)) as px:
+        client = httpx.Client(base_url=px.url, timeout=10)
+        odd = {"x-note": "caf\xe9".encode("latin-1")}  # obs-text: HTTP allows it, ASCII encoding does not
+        assert chat(client, DOCS[:3], headers=odd).status_code == 200
+        assert be.received_headers[-1]["x-note"] == "caf\xe9"
+        assert client.get("/v1/models", headers=odd).status_code == 200
+        body = {"model": ["tiny"], "messages": [{"role": "user", "content": "q"}], "contextpilot": {"contexts": DOCS[:3]}}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200  # the backend judges the model
+        assert be.received[-1]["model"] == ["tiny"]
+
+
 def test_malformed_requests_are_400_naming_the_field():
     with StubBackend() as be, ProxyThread(ProxyConfig(backend=be.url)) as px:
         client = httpx.Client(base_url=px.url, timeout=10)
@@ -461,6 +485,8 @@ def test_data_parallel_ranks_have_their_own_mirror_and_requests_are_pinned_to_on
             assert be.received_headers[-1]["x-data-parallel-rank"] == "0"
             chat(client, DOCS[:3], headers={"X-data-parallel-rank": "1"})  # the client's choice is kept
             assert be.received_headers[-1]["x-data-parallel-rank"] == "1"
+            odd = chat(client, DOCS[:3], headers={"X-data-parallel-rank": "\xb2".encode("latin-1")})  # '²'
+            assert odd.status_code == 200  # not a rank: chosen by load, as with no header
             import concurrent.futures
 
             with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two at once: one per rank

@@ -265,8 +265,8 @@ class Proxy:
         lanes = self.lanes
         if len(lanes) == 1:
             return lanes[0]
-        asked = request.headers.get(RANK_HEADER)
-        if asked is not None and asked.strip().isdigit() and int(asked) < len(lanes):
+        asked = (request.headers.get(RANK_HEADER) or "").strip()
+        if asked.isascii() and asked.isdecimal() and int(asked) < len(lanes):
             return lanes[int(asked)]
         return min(lanes, key=lambda lane: lane.view.in_flight + self._assigned[lane.rank or 0])
 
@@ -338,7 +338,8 @@ class Proxy:
             "tokenizer": {"renderer": self.renderer.name if self.renderer else None, "check": self.renderer_status},
             "requests": {
                 "total": c.requests, "rewritten": c.rewritten, "client_errors": c.client_errors,
-                "backend_errors": c.backend_errors, "rejected_rewrites": c.rejected_rewrites,
+                "backend_errors": c.backend_errors, "client_gone": c.client_gone,
+                "rejected_rewrites": c.rejected_rewrites,
                 "tree_estimate_differed": c.tree_differs,
             },
             "expected_vs_reported": {

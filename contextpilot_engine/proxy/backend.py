@@ -120,7 +120,7 @@ class Backend:
                                                 f"{self.timeouts.read_s:g} s")
         return BackendError(502, "unreachable", f"backend {self.url} is unreachable: {type(exc).__name__}: {exc}")
 
-    async def open(self, method: str, path: str, *, headers: Mapping[str, str] | None = None,
+    async def open(self, method: str, path: str, *, headers: Mapping[str, str | bytes] | None = None,
                    content: bytes | None = None, params: Any = None) -> httpx.Response:
         """Send a request and return the response with its body still to be read (close it after)."""
         client = self.next_lane()

@@ -35,6 +35,7 @@ rewritten in chat requests, so ``contexts`` there is a 400.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ __all__ = ["ChatPath", "ProxyCounters", "RANK_HEADER", "error_response", "forwar
 
 #: vLLM's header that pins a request to one data-parallel rank (the proxy sets it when the engine has several)
 RANK_HEADER = "X-data-parallel-rank"
+#: the status counted for a request whose client disconnected before its answer (nginx's name for it)
+CLIENT_GONE = 499
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:
@@ -71,9 +74,14 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
                         status_code=status)
 
 
-def forward_headers(headers: Any) -> dict[str, str]:
-    """The client's headers minus hop-by-hop ones and ours."""
-    return {k: v for k, v in headers.items()
+def forward_headers(headers: Any) -> dict[str, str | bytes]:
+    """The client's headers minus hop-by-hop ones and ours.
+
+    HTTP allows bytes past ASCII in a header value; the server decoded them
+    as latin-1 and the client would encode them as ASCII, so such a value
+    goes on as its original bytes instead of failing the request.
+    """
+    return {k: v if v.isascii() else v.encode("latin-1") for k, v in headers.items()
             if k.lower() not in HOP_HEADERS and not k.lower().startswith("x-contextpilot-")}
 
 
@@ -89,6 +97,8 @@ class ProxyCounters:
     rewritten: int = 0
     client_errors: int = 0
     backend_errors: int = 0
+    #: requests whose client disconnected before the (non-streamed) answer: the backend call was dropped
+    client_gone: int = 0
     rejected_rewrites: int = 0
     #: rewritten requests whose page-exact expected hit differed from the block tree's estimate
     tree_differs: int = 0
@@ -227,7 +237,8 @@ class ChatPath:
         planned.prepared = prepared
         conv = prepared.conversations[0]
         client_salt = body.get("cache_salt")
-        lora = body.get("model") if body.get("model") in self.lora_names else None
+        model = body.get("model")
+        lora = model if isinstance(model, str) and model in self.lora_names else None
         tokens = None
         plan = prepared.plans[0]
         renderer = self.renderer
@@ -323,15 +334,23 @@ class ChatPath:
         self.view.request_started()
         done = False
         try:
-            response = await self._open(path, content, headers)
-            for view in self.peers:
-                view.backend_back()
-            if response.status_code in (400, 422) and self._rewrote(planned):
-                response = await self._retry_as_sent(path, planned, headers, response)
-            if stream and response.status_code == 200:
+            exchange = asyncio.ensure_future(self._exchange(path, content, headers, planned, stream))
+            gone = asyncio.ensure_future(_client_gone(request))
+            try:
+                await asyncio.wait((exchange, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                if not exchange.done():  # the client left (or we are cancelled): so does the backend call
+                    exchange.cancel()
+                    await asyncio.gather(exchange, return_exceptions=True)
+            if exchange.cancelled():
+                self.counters.client_gone += 1
+                metrics.count_request(endpoint, CLIENT_GONE)
+                return Response(status_code=CLIENT_GONE)  # nobody reads it
+            response, raw = exchange.result()
+            if raw is None:
                 done = True  # the stream's end marks the request done
                 return self._stream(response, planned, endpoint, clock)
-            raw = await self.backend.read(response)
         except BackendError as exc:
             return self._backend_error(exc, endpoint)
         finally:
@@ -342,6 +361,18 @@ class ChatPath:
         self._observe(clock)
         metrics.count_request(endpoint, response.status_code)
         return out
+
+    async def _exchange(self, path: str, content: bytes, headers: dict, planned: _Planned,
+                        stream: bool) -> tuple[Any, bytes | None]:
+        """The backend's response and its body; the body is None for a stream to pass on as it comes."""
+        response = await self._open(path, content, headers)
+        for view in self.peers:
+            view.backend_back()
+        if response.status_code in (400, 422) and self._rewrote(planned):
+            response = await self._retry_as_sent(path, planned, headers, response)
+        if stream and response.status_code == 200:
+            return response, None
+        return response, await self.backend.read(response)
 
     @staticmethod
     def _rewrote(planned: _Planned) -> bool:
@@ -454,6 +485,17 @@ class ChatPath:
         metrics.count_request(endpoint, 200)
         return StreamingResponse(events(), status_code=200, headers=response_headers(response.headers),
                                  media_type="text/event-stream")
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected (its body is read by then, so nothing else can arrive).
+
+    The server does not cancel a handler whose client left, and an engine
+    stops generating only when its own client (the proxy) goes away, so the
+    proxy has to notice and drop the backend call itself.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _chunk_id(event: str) -> str | None:

@@ -200,6 +200,8 @@ class StubBackend:
     def __init__(self, delay_s: float = 0.0, status: int = 200, model: str = "tiny"):
         #: the ``cached_tokens`` every answer reports
         self.cached_tokens = 0
+        #: slow answers abandoned because their client disconnected first
+        self.aborted = 0
         self.delay_s = delay_s
         self.status = status
         self.model = model
@@ -215,15 +217,20 @@ class StubBackend:
 
     def app(self) -> Any:
         from starlette.applications import Starlette
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse, Response, StreamingResponse
         from starlette.routing import Route
 
         async def chat(request):
             body = await request.json()
             self.received.append(body)
             self.received_headers.append({k.lower(): v for k, v in request.headers.items()})
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
+            if self.delay_s:  # like an engine, stop generating once the client has gone
+                end = time.monotonic() + self.delay_s
+                while time.monotonic() < end:
+                    if await request.is_disconnected():
+                        self.aborted += 1
+                        return Response(status_code=499)
+                    await asyncio.sleep(0.02)
             if self.status != 200:
                 return JSONResponse({"error": {"message": "stub refuses", "code": self.status}},
                                     status_code=self.status)
