@@ -183,6 +183,57 @@ def may_carry_blocks(messages: Sequence[Any], spec: RequestSpec | None, implicit
     return text is not None and "<document" in text
 
 
+def with_message_spec(spec: RequestSpec | None, found: list[tuple[int, Any]], max_blocks: int) -> RequestSpec | None:
+    """The request's spec with a message's ``contextpilot`` field folded in.
+
+    A request-level spec (the body field or an ``X-ContextPilot-*`` header)
+    often only names who asks, while the blocks come in a message's field:
+    both are read, so a header never makes a message's documents vanish.
+    A field given in both places with different values is an error naming
+    both, never one silently winning (a gateway that sets the tenant header
+    is not overruled by a client's message).
+    """
+    if not found:
+        return spec
+    if len(found) > 1:
+        raise ContextPilotRequestError(
+            f"messages: only one message may carry a 'contextpilot' field, found {len(found)} "
+            f"(messages {[i for i, _ in found]})"
+        )
+    i, value = found[0]
+    message = parse_spec(value, f"messages[{i}].contextpilot", max_blocks)
+    if spec is None:
+        return message
+    merged: dict[str, Any] = {}
+    for name in ("contexts", "conversation_id", "tenant"):
+        ours, theirs = getattr(spec, name), getattr(message, name)
+        if ours is not None and theirs is not None and ours != theirs:
+            what = "context blocks" if name == "contexts" else f"{theirs!r:.80} against {ours!r:.80}"
+            raise ContextPilotRequestError(
+                f"{message.where}.{name}: the request already gives {name} (its 'contextpilot' field or "
+                f"X-ContextPilot-* header); give them in one place ({what})"
+            )
+        merged[name] = ours if ours is not None else theirs
+    where = message.where if spec.contexts is None and message.contexts is not None else spec.where
+    return RequestSpec(enabled=spec.enabled and message.enabled, debug=spec.debug or message.debug, where=where,
+                       **merged)
+
+
+def conversation_tenant(messages: Sequence[Any], spec: RequestSpec | None) -> str | None:
+    """The tenant a conversation names, without planning it (for the paths that serve it unplanned).
+
+    The request's spec first, else a message's ``contextpilot`` field; a
+    malformed field names none (planning reports that error).
+    """
+    if spec is not None and spec.tenant is not None:
+        return spec.tenant
+    try:
+        merged = with_message_spec(spec, strip_message_specs(messages)[1], 1 << 30)
+    except ContextPilotRequestError:
+        return None
+    return merged.tenant if merged is not None else None
+
+
 def find_context(
     config: "PilotConfig", messages: Sequence[Any], spec: RequestSpec | None, implicit_documents: bool
 ) -> "RequestContext | Plan | None":
@@ -197,14 +248,7 @@ def find_context(
     clean, found = strip_message_specs(messages)
     if not clean:
         return None  # nothing to serve: the engine answers the request as it would without us
-    if spec is None and found:
-        if len(found) > 1:
-            raise ContextPilotRequestError(
-                f"messages: only one message may carry a 'contextpilot' field, found {len(found)} "
-                f"(messages {[i for i, _ in found]})"
-            )
-        i, value = found[0]
-        spec = parse_spec(value, f"messages[{i}].contextpilot", config.max_blocks_per_context)
+    spec = with_message_spec(spec, found, config.max_blocks_per_context)
     if spec is not None and not spec.enabled:
         as_given = fallback_conversation(clean, spec, config.instruction)
         report = make_report(reason="disabled_by_request", tenant=spec.tenant, conversation_id=spec.conversation_id)
@@ -216,7 +260,9 @@ def find_context(
     if spec is not None and spec.contexts is not None:
         if has_system and system_text is None:
             return Plan(fallback_conversation(clean, spec, config.instruction),
-                        make_report(reason="system_not_text", source="explicit"))
+                        make_report(reason="system_not_text", source="explicit", tenant=spec.tenant,
+                                    conversation_id=spec.conversation_id),
+                        tenant=spec.tenant or "")
         docs, instruction, source = spec.contexts, system_text, "explicit"
         where = f"{spec.where}.contexts"
     elif implicit_documents and system_text:

@@ -124,8 +124,15 @@ def spec_from_http(body_field: Any, headers: Any, max_blocks: int = 4096) -> Req
     if body_field is None and conv is None and tenant is None:
         return None
     spec = parse_spec({} if body_field is None else body_field, "contextpilot", max_blocks)
-    if spec.conversation_id is None and conv is not None:
-        spec = dataclasses.replace(spec, conversation_id=_name(conv, f"header {HEADER_CONVERSATION}"))
-    if spec.tenant is None and tenant is not None:
-        spec = dataclasses.replace(spec, tenant=_name(tenant, f"header {HEADER_TENANT}"))
+    for field_name, header, value in (("conversation_id", HEADER_CONVERSATION, conv), ("tenant", HEADER_TENANT, tenant)):
+        if value is None:
+            continue
+        named = _name(value, f"header {header}")
+        given = getattr(spec, field_name)
+        if given is None:
+            spec = dataclasses.replace(spec, **{field_name: named})
+        elif given != named:  # a gateway sets the header: a body field must not overrule it
+            raise ContextPilotRequestError(
+                f"contextpilot.{field_name} {given!r:.80} disagrees with header {header} {named!r:.80}"
+            )
     return spec

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from . import metrics
 from .binding import bind_served_prompt, locate_blocks
-from .conversation import Plan, fallback_conversation, plan_conversations
+from .conversation import Plan, conversation_tenant, fallback_conversation, plan_conversations
 from .engine_keys import page_salt
 from .failopen import call_safely, logger, report_failure
 from .reports import make_report
@@ -169,8 +169,9 @@ def prepare_group(
             _record(state, a.sink, make_report(reason="rewrite_error", error=f"{type(exc).__name__}: {exc}"))
             convs = as_sent(a.conversations, a.spec, state.options.pilot.instruction)
             n = len(a.conversations)
-            spec_tenant = a.spec.tenant if a.spec is not None else None
-            results.append(Prepared(state, a.spec, convs, [None] * n, False, [spec_tenant] * n, seconds))
+            tenants = [call_safely("fallback_error", conversation_tenant, conv, a.spec, default=None)
+                       for conv in a.conversations]
+            results.append(Prepared(state, a.spec, convs, [None] * n, False, tenants, seconds))
         return results, list(range(len(arrivals)))
     seconds = (time.perf_counter() - start) / max(1, len(arrivals))
     results = []
