@@ -121,7 +121,13 @@ class MirrorSource(Protocol):
 
 
 class _Subscriber:
-    """One connected request side: a non-blocking socket and the bytes it has not taken yet."""
+    """One connected request side: a non-blocking socket and the bytes it has not taken yet.
+
+    ``stalled_since`` is when the subscriber last took bytes while some were
+    waiting (0.0: nothing waits; -1.0: gone), so a subscriber is dropped
+    for taking nothing, never for a large backlog it is working through:
+    a snapshot of a big cache is far more than a socket buffer holds.
+    """
 
     __slots__ = ("sock", "backlog", "stalled_since")
 
@@ -130,6 +136,12 @@ class _Subscriber:
         self.sock = sock
         self.backlog = bytearray()
         self.stalled_since = 0.0
+
+    def queue(self, data: bytes) -> None:
+        """Keep ``data`` for the sender thread, after what already waits."""
+        if not self.backlog and self.stalled_since >= 0:
+            self.stalled_since = time.monotonic()
+        self.backlog += data
 
     def write(self, frame: bytes) -> None:
         """Send what the socket takes now; keep the rest, in order, for the sender thread."""
@@ -141,8 +153,7 @@ class _Subscriber:
             if sent == len(frame):
                 return
             frame = frame[sent:]
-            self.stalled_since = time.monotonic()
-        self.backlog += frame
+        self.queue(frame)
 
     def drain(self) -> None:
         while self.backlog:
@@ -151,6 +162,8 @@ class _Subscriber:
             except BlockingIOError:
                 return
             del self.backlog[:sent]
+            if self.stalled_since >= 0:
+                self.stalled_since = time.monotonic()  # it is taking what waits
 
     def close(self) -> None:
         try:
@@ -167,9 +180,9 @@ class ChannelServer:
     under the mirror's lock.  ``flush`` encodes one frame and writes it with
     non-blocking sends, so the frame is in the subscriber's socket within
     microseconds of the change; whatever a slow subscriber does not take is
-    kept in order and written by a helper thread.  A subscriber that stays
-    stalled for ``STALL_LIMIT_S`` or falls ``BACKLOG_LIMIT`` bytes behind is
-    dropped; it reconnects and starts again from a snapshot.
+    kept in order and written by a helper thread.  A subscriber that takes
+    nothing for ``STALL_LIMIT_S`` while bytes wait, or falls ``BACKLOG_LIMIT``
+    bytes behind, is dropped; it reconnects and starts again from a snapshot.
     """
 
     STALL_LIMIT_S = 10.0
@@ -270,7 +283,7 @@ class ChannelServer:
             with self.mirror.lock:
                 self._flush_locked()
                 snapshot = self.mirror.canonical_counts_unlocked()
-                sub.backlog += encode_hello(self.mirror.page_size, snapshot)
+                sub.queue(encode_hello(self.mirror.page_size, snapshot))
                 self._subscribers.append(sub)
             self._wake.set()
 
