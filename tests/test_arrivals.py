@@ -205,6 +205,74 @@ def test_a_cancelled_request_does_not_hold_up_the_next():
     assert len(passed) == 9
 
 
+def test_a_request_cancelled_just_after_its_plan_passes_its_turn_on():
+    """A client that leaves in the loop turn its plan arrives in: the requests after it are not held up."""
+    state = make_state("cancel-race", arrival_window_ms=20, arrival_max_wait_ms=5000)
+    convs = [conversation([n, n + 1, 9], f"q{n}") for n in range(4)]
+
+    async def main():
+        window = arrivals.window_for(state)
+        loop = asyncio.get_running_loop()
+        class LeavesAtOnce(asyncio.Future):
+            cancelled_one = None
+
+            def set_result(self, result):  # the plan is in, and the request's task is cancelled before it resumes
+                super().set_result(result)
+                if isinstance(result, arrivals.Ticket) and LeavesAtOnce.cancelled_one is None:
+                    LeavesAtOnce.cancelled_one = self
+                    self.task.cancel()
+
+        def create_future():
+            f = LeavesAtOnce(loop=loop)
+            f.task = asyncio.current_task()  # the task that will await it
+            return f
+
+        loop.create_future = create_future  # this loop only, for this burst
+        started = time.monotonic()
+
+        async def one(n):
+            ticket = await window.arrive(state, [convs[n]], None, None, [])
+            try:
+                await asyncio.sleep(0.001)
+            finally:
+                await ticket.finish()
+                ticket.completed()
+            return time.monotonic() - started
+
+        running = [asyncio.ensure_future(one(n)) for n in range(len(convs))]
+        results = await asyncio.gather(*running, return_exceptions=True)
+        return results, LeavesAtOnce.cancelled_one, window
+
+    results, cancelled, window = asyncio.run(main())
+    assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 1
+    ticket = cancelled.result()
+    assert ticket._done is None or ticket._done.is_set()  # its successor was let go
+    assert window.serving == 0  # and it no longer counts as being served
+    assert max(r for r in results if not isinstance(r, BaseException)) < 2.0  # nobody waited out the 5 s bound
+
+
+def test_a_bug_in_the_window_serves_the_request_as_sent(monkeypatch):
+    state = make_state("window-bug", arrival_window_ms=20)
+    conv = conversation([1, 2], "q")
+
+    async def main():
+        window = arrivals.window_for(state)
+        first = await window.arrive(state, [conv], None, None, [])  # alone: nothing before it
+        first.completed()
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected bug outside prepare_group's own guard")
+
+        monkeypatch.setattr(arrivals, "prepare", broken)
+        sink: list = []
+        ticket = await asyncio.wait_for(window.arrive(state, [conv], None, None, sink), 5)
+        return ticket, sink
+
+    ticket, sink = asyncio.run(main())
+    assert ticket.prepared.plans == [None] and sink[0]["reason"] == "arrival_error"
+    assert all(DOCS[i] in ticket.prepared.conversations[0][0]["content"] for i in (1, 2))  # nothing hidden
+
+
 def test_window_zero_plans_every_request_alone():
     state = make_state("off", arrival_window_ms=0)
     results, _ = asyncio.run(burst(state, [conversation([n % 3, 5], f"q{n}") for n in range(8)]))

@@ -129,11 +129,14 @@ def _render_for(renderer: Any, prepared: rewriting.Prepared | None, tok_params: 
         return None
     added = False
     if prepared.wants_offsets:
-        params = tok_params if tok_params is not None else renderer.default_chat_tok_params
-        can = getattr(renderer, "_can_produce_offsets", None)
-        if not params.return_token_offsets and can is not None and call_safely("setup_error", can, default=False):
-            tok_params = dataclasses.replace(params, return_token_offsets=True)
-            added = True
+        try:
+            params = tok_params if tok_params is not None else renderer.default_chat_tok_params
+            can = getattr(renderer, "_can_produce_offsets", None)
+            if not params.return_token_offsets and can is not None and call_safely("setup_error", can, default=False):
+                tok_params = dataclasses.replace(params, return_token_offsets=True)
+                added = True
+        except Exception as exc:  # served as planned, without offsets: located from token ids, or left unbound
+            report_failure("setup_error", exc)
     return _Render(prepared, tok_params, added)
 
 
@@ -151,10 +154,12 @@ def _finish(renderer: Any, render: _Render, eng_prompts: list) -> None:
                 eng.get("prompt") or "", eng.get("prompt_token_ids") or [], offsets, eng.get("cache_salt"), lora
             )
         )
-    rewriting.finish(render.prepared, served, online.reports if online is not None else None)
-    for eng, tokens in zip(eng_prompts, served):
-        if tokens is not None and tokens.cache_salt != eng.get("cache_salt"):
-            eng["cache_salt"] = tokens.cache_salt  # the engine core hashes the request's blocks with it
+    try:
+        rewriting.finish(render.prepared, served, online.reports if online is not None else None)
+    finally:  # the tenant's salt even if binding or reporting failed: isolation never depends on them
+        for eng, tokens in zip(eng_prompts, served):
+            if tokens is not None and tokens.cache_salt != eng.get("cache_salt"):
+                eng["cache_salt"] = tokens.cache_salt  # the engine core hashes the request's blocks with it
 
 
 def _as_sent(render: _Render, conversations: Any) -> list:

@@ -64,9 +64,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .conversation import may_carry_blocks
-from .failopen import report_failure
 from .requests import ContextPilotRequestError, RequestSpec
-from .rewriting import Arrival, Prepared, prepare, prepare_group
+from .rewriting import Arrival, Prepared, failed_open, prepare, prepare_group
 from .state import EngineState
 
 __all__ = ["ArrivalWindow", "Ticket", "window_for", "completed_with"]
@@ -103,6 +102,12 @@ class Ticket:
         finally:
             if self._done is not None:
                 self._done.set()
+
+    def release(self) -> None:
+        """The request will not be rendered (cancelled after its plan): let the successor go, and count it done."""
+        if self._done is not None:
+            self._done.set()
+        self.completed()
 
     def completed(self) -> None:
         """The request's response is complete (or failed): the engine no longer works on it.  Idempotent."""
@@ -194,7 +199,12 @@ class ArrivalWindow:
             self._close(group)
         else:
             self._arm(loop, group, now)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().release()  # planned, then cancelled before it resumed: its turn passes on
+            raise
 
     def _arm(self, loop: asyncio.AbstractEventLoop, group: _Group, now: float) -> None:
         """Close ``group`` after a quiet gap from ``now`` (busy or idle), or when it has waited its longest."""
@@ -240,14 +250,13 @@ class ArrivalWindow:
                 )
                 self.groups += 1
                 self.grouped_requests += len(entries)
+            if len(entries) > 1:
+                _note_group(results, len(entries))
         except Exception as exc:  # prepare_group fails open itself; this is a bug in the window
-            report_failure("arrival_error", exc)
-            results = [_safely_prepare(group, a) for a, _ in entries]
+            results = failed_open(group.state, [a for a, _ in entries], exc, reason="arrival_error")
             order = list(range(len(entries)))
         finally:
             self._planning -= 1
-        if len(entries) > 1:
-            _note_group(results, len(entries))
         previous: asyncio.Event | None = None
         for n in order:
             _, future = entries[n]
@@ -273,6 +282,7 @@ def _note_group(results: list, size: int) -> None:
 
 
 def _safely_prepare(group: _Group, arrival: Arrival) -> Prepared | None | ContextPilotRequestError:
+    """:func:`.rewriting.prepare` for a request planned alone; the client's error is its result, not raised."""
     try:
         return prepare(group.state, arrival.conversations, arrival.spec, group.tokenizer, arrival.sink)
     except ContextPilotRequestError as exc:

@@ -41,7 +41,8 @@ from .reports import make_report
 from .requests import ContextPilotRequestError, RequestSpec
 from .state import EngineState
 
-__all__ = ["Arrival", "Prepared", "ServedTokens", "prepare", "prepare_group", "finish", "rejected", "as_sent", "tenant_cache_salt"]
+__all__ = ["Arrival", "Prepared", "ServedTokens", "prepare", "prepare_group", "finish", "rejected", "as_sent",
+           "failed_open", "tenant_cache_salt"]
 
 
 @dataclass
@@ -162,17 +163,7 @@ def prepare_group(
     except ContextPilotRequestError as exc:  # raised outside any one item: every arrival's
         return [exc] * len(arrivals), list(range(len(arrivals)))
     except Exception as exc:  # fail open: the requests go through as the clients sent them
-        report_failure("rewrite_error", exc)
-        seconds = (time.perf_counter() - start) / max(1, len(arrivals))
-        results = []
-        for a in arrivals:
-            _record(state, a.sink, make_report(reason="rewrite_error", error=f"{type(exc).__name__}: {exc}"))
-            convs = as_sent(a.conversations, a.spec, state.options.pilot.instruction)
-            n = len(a.conversations)
-            tenants = [call_safely("fallback_error", conversation_tenant, conv, a.spec, default=None)
-                       for conv in a.conversations]
-            results.append(Prepared(state, a.spec, convs, [None] * n, False, tenants, seconds))
-        return results, list(range(len(arrivals)))
+        return failed_open(state, arrivals, exc, time.perf_counter() - start), list(range(len(arrivals)))
     seconds = (time.perf_counter() - start) / max(1, len(arrivals))
     results = []
     first = 0
@@ -183,6 +174,30 @@ def prepare_group(
         results.append(error if error is not None else _prepared(state, a, mine, seconds))
     admission = list(dict.fromkeys(owner[i] for i in order))
     return results, admission
+
+
+def failed_open(
+    state: EngineState, arrivals: Sequence[Arrival], exc: BaseException, seconds: float = 0.0,
+    reason: str = "rewrite_error",
+) -> list:
+    """Our code failed planning ``arrivals``: each goes through as its client sent it, and its report says so.
+
+    Logged and counted once, under ``reason``.  The conversations keep
+    their documents (explicit contexts are placed as given) and their
+    tenants, so a failure of ours never hides a document or changes whose
+    KV namespace a request runs in.
+    """
+    report_failure(reason, exc)
+    seconds /= max(1, len(arrivals))
+    results = []
+    for a in arrivals:
+        _record(state, a.sink, make_report(reason=reason, error=f"{type(exc).__name__}: {exc}"))
+        convs = as_sent(a.conversations, a.spec, state.options.pilot.instruction)
+        n = len(a.conversations)
+        tenants = [call_safely("fallback_error", conversation_tenant, conv, a.spec, default=None)
+                   for conv in a.conversations]
+        results.append(Prepared(state, a.spec, convs, [None] * n, False, tenants, seconds))
+    return results
 
 
 def _prepared(state: EngineState, arrival: Arrival, plans: list, seconds: float) -> Prepared | None:
@@ -236,9 +251,10 @@ def finish(
     """Salt, bind and report each rendered prompt (``served[i]`` for ``prepared.plans[i]``)."""
     start = time.perf_counter()
     state = prepared.state
-    for plan, tenant, tokens in zip(prepared.plans, prepared.tenants, served):
+    for tenant, tokens in zip(prepared.tenants, served):  # every salt first: isolation never waits on binding
         if tokens is not None:
             tokens.cache_salt = tenant_cache_salt(state, tenant, tokens.cache_salt)
+    for plan, tokens in zip(prepared.plans, served):
         if plan is None:
             continue
         report = plan.report
