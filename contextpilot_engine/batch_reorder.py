@@ -41,6 +41,10 @@ STRATEGIES = ("merge_tree", "level_greedy")
 #: the level greedy is skipped above this many contexts: at that size it never won a benchmark
 #: workload (the merge tree shared about twice as much) and it costs a fifth of the planning time
 LEVEL_GREEDY_MAX_CONTEXTS = 50_000
+#: the strategies plan a context's blocks up to this many times the batch's mean context length
+WIDTH_OVER_MEAN = 4
+#: ... and never fewer than this many
+MIN_PLAN_WIDTH = 64
 
 
 @dataclass
@@ -73,6 +77,52 @@ def _split_prefixes(batch: InternedBatch, prefixes: Sequence[Sequence[int]] | No
         rank[idx] = np.arange(len(pre))
         group[c] = seen.setdefault(tuple(batch.items[idx].tolist()), len(seen))
     return fixed, group, rank
+
+
+def plan_width(lengths: np.ndarray) -> int:
+    """The most blocks of one context the strategies plan with.
+
+    Their arrays are as wide as the longest context, for every context, so
+    one very long context in a batch of short ones would cost time and
+    memory in proportion to the batch size times its length.  The width is
+    a few times the mean context (never under ``MIN_PLAN_WIDTH``): a batch of
+    contexts of similar sizes is planned whole.
+    """
+    n = len(lengths)
+    if not n:
+        return MIN_PLAN_WIDTH
+    return max(MIN_PLAN_WIDTH, -(-WIDTH_OVER_MEAN * int(lengths.sum()) // n))
+
+
+def _within_width(lengths: np.ndarray, starts: np.ndarray, items: np.ndarray):
+    """Contexts cut to :func:`plan_width` blocks (their most popular: smallest item ids), and the cut tails.
+
+    Returns ``(lengths, starts, items, tails)``; ``tails`` is None when no
+    context is cut, else ``(context, item)`` arrays of the blocks left out,
+    by context and then popularity.
+    """
+    width = plan_width(lengths)
+    if not len(lengths) or int(lengths.max()) <= width:
+        return lengths, starts, items, None
+    n = len(lengths)
+    ctx = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    order = np.lexsort((items, ctx))  # by context, then item id (popularity)
+    rank = np.arange(len(order), dtype=np.int64) - starts[ctx[order]]
+    kept = np.sort(order[rank < width])  # in input order within each context
+    cut = order[rank >= width]
+    new_lengths = np.minimum(lengths, width)
+    new_starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(new_lengths, out=new_starts[1:])
+    return new_lengths, new_starts, items[kept], (ctx[cut], items[cut])
+
+
+def _with_tails(lengths: np.ndarray, seq: np.ndarray, tails: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """A strategy's sequence of cut contexts with each context's cut tail after its planned blocks."""
+    tail_ctx, tail_items = tails
+    owner = np.concatenate([np.repeat(np.arange(len(lengths), dtype=np.int64), lengths), tail_ctx])
+    part = np.concatenate([np.zeros(len(seq), np.int64), np.ones(len(tail_items), np.int64)])
+    within = np.concatenate([np.arange(len(seq), dtype=np.int64), np.arange(len(tail_items), dtype=np.int64)])
+    return np.concatenate([seq, tail_items])[np.lexsort((within, part, owner))]
 
 
 def plan_batch(
@@ -117,6 +167,9 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
     r_starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(r_lengths, out=r_starts[1:])
     r_items = batch.items[free]
+    # the strategies see each context's most popular blocks only, up to a width the batch can
+    # afford; a longer context's other blocks follow its planned ones, and the polish sees them all
+    r_lengths, r_starts, r_items, tails = _within_width(r_lengths, r_starts, r_items)
 
     if n > LEVEL_GREEDY_MAX_CONTEXTS and len(strategies) > 1:
         strategies = [s for s in strategies if s != "level_greedy"]
@@ -136,6 +189,8 @@ def _plan_interned(batch, prefixes, backend, strategies, candidates) -> BatchPla
             r_seq = level_greedy(r_lengths, r_starts, r_items, batch.weights, group, beat)
             if r_seq is None:
                 continue
+        if tails is not None:
+            r_seq = _with_tails(r_lengths, r_seq, tails)
         # full sequence: fixed prefix (in its given order), then the strategy's order
         part = np.concatenate([np.zeros(int(fixed.sum()), np.int64), np.ones(len(r_seq), np.int64)])
         owner = np.concatenate([ctx[fixed], ctx[free]])

@@ -125,20 +125,18 @@ def _sort_by(major: np.ndarray, minor: np.ndarray, last: np.ndarray | None = Non
 def _rarest(lengths: np.ndarray, items: np.ndarray, holders: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each context's ``k`` rarest items that some other context also holds: (items, contexts)."""
     n = len(lengths)
-    width = int(lengths.max())
     ctx = np.repeat(np.arange(n, dtype=np.int64), lengths)
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    col = np.arange(len(items), dtype=np.int64) - starts[ctx]
     n_items = len(holders)
-    big = np.iinfo(np.int64).max
-    key = np.full((n, width), big, dtype=np.int64)
-    key[ctx, col] = np.where(holders[items] > 1, holders[items] * n_items + items, big)
-    take = np.argsort(key, axis=1, kind="stable")[:, :k]
-    chosen = np.take_along_axis(key, take, axis=1)
-    rows = np.repeat(np.arange(n, dtype=np.int64), take.shape[1]).reshape(n, -1)
-    ok = chosen != big
-    return (chosen[ok] % n_items), rows[ok]
+    shared = holders[items] > 1
+    key = holders[items] * n_items + items  # rarer first, then by item: unique within a context
+    # sorted by (context, key) over the flat items: each context's first k are its rarest
+    # (no context-by-width matrix, whose size one very long context would set for the whole batch)
+    order = np.lexsort((key, ctx))
+    take = order[shared[order]]
+    t_ctx = ctx[take]
+    first = np.searchsorted(t_ctx, t_ctx, side="left")
+    take = take[np.arange(len(take), dtype=np.int64) - first < k]
+    return items[take], ctx[take]
 
 
 def _keep_best(lo: np.ndarray, hi: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:

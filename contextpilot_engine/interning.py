@@ -93,12 +93,12 @@ def intern_batch(contexts: Sequence[Sequence[Block]]) -> InternedBatch:
     keys: list = list(first_id)
     # a block repeated inside one context: its later copies become items of their own
     ctx = np.repeat(np.arange(n, dtype=np.int64), lengths)
-    width = int(lengths.max()) if n else 0
-    if width > 1:
-        mat = np.full((n, width), -1, dtype=np.int64)
-        mat[ctx, np.arange(len(raw_arr)) - starts[ctx]] = raw_arr
-        mat.sort(axis=1)
-        repeats = np.flatnonzero(((mat[:, 1:] == mat[:, :-1]) & (mat[:, 1:] >= 0)).any(axis=1))
+    if len(raw_arr) > 1:
+        # (context, key) codes sorted: a repeat is two equal neighbours (no context-by-width matrix,
+        # whose size one very long context would set for the whole batch)
+        codes = np.sort(ctx * max(1, len(keys)) + raw_arr)
+        twins = codes[1:][codes[1:] == codes[:-1]]
+        repeats = np.unique(twins // max(1, len(keys)))
         for c in repeats.tolist():
             copies: dict = {}
             for p in range(int(starts[c]), int(starts[c + 1])):

@@ -159,8 +159,8 @@ def merge_tree(
         parent[mb[fresh]] = new_ids
         if k:
             fa, fb = ma[fresh], mb[fresh]
-            row_a, row_b = ids[fa], ids[fb]
-            inside = (row_a[:, :, None] == np.where(row_b < 0, -2, row_b)[:, None, :]).any(axis=2)
+            row_a = ids[fa]
+            inside = _held_by(row_a, ids[fb])
             ids[new_ids] = np.where(inside, row_a, -1)
             wts[new_ids] = np.where(inside, wts[fa], 0)
             core_w[new_ids] = mg[fresh]
@@ -177,6 +177,30 @@ def merge_tree(
         code, first = np.unique(lo[keep] * n_nodes + hi[keep], return_index=True)
         a, b, gain = code // n_nodes, code % n_nodes, gain[first]
     return _emit(n, n_nodes, starts, items, ids[:n_nodes], parent[:n_nodes])
+
+
+#: rows up to this wide compare every cell pair; wider ones use a sorted lookup
+_BROADCAST_WIDTH = 64
+
+
+def _held_by(row_a: np.ndarray, row_b: np.ndarray) -> np.ndarray:
+    """``inside[p, j]``: item ``row_a[p, j]`` is also in ``row_b[p]`` (``-1`` cells hold nothing).
+
+    Per-pair codes and one sorted lookup, so the work grows with the cells,
+    not with the square of the row width (one long context sets the width
+    of every row).
+    """
+    k, width = row_a.shape
+    if not k:
+        return np.zeros((0, width), dtype=bool)
+    if width <= _BROADCAST_WIDTH:  # narrow rows: comparing all cells is cheaper than sorting
+        return (row_a[:, :, None] == np.where(row_b < 0, -2, row_b)[:, None, :]).any(axis=2)
+    span = int(max(row_a.max(), row_b.max())) + 2  # values -1 .. max, shifted to 0 .. span-1
+    pair = np.arange(k, dtype=np.int64)[:, None] * span
+    held = np.unique((pair + row_b + 1)[row_b >= 0])
+    codes = pair + row_a + 1
+    pos = np.minimum(np.searchsorted(held, codes), max(0, len(held) - 1))
+    return (row_a >= 0) & (held[pos] == codes) if len(held) else np.zeros_like(row_a, dtype=bool)
 
 
 def _emit(n: int, n_nodes: int, starts: np.ndarray, items: np.ndarray, ids: np.ndarray, parent: np.ndarray):

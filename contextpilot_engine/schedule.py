@@ -23,12 +23,17 @@ __all__ = ["lexicographic_order", "arrival_dfs_order", "prefix_reuse", "apply_ag
 
 #: above this many matrix cells the sort falls back to Python tuples (a few very long contexts)
 _MAX_CELLS = 50_000_000
+#: ... or above this many times the cells the sequences fill: a context-by-width matrix is as wide
+#: as the longest context for every context, so one long context among short ones would make it
+#: mostly padding (and the depth-first order loops over its width)
+_MAX_PADDING = 16
 
 
 def _padded(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray) -> np.ndarray | None:
     n = len(lengths)
     width = int(lengths.max()) if n else 0
-    if n * max(width, 1) > _MAX_CELLS:
+    cells = n * max(width, 1)
+    if cells > _MAX_CELLS or cells > max(_MAX_PADDING * len(seq), 1 << 16):
         return None
     mat = np.full((n, max(width, 1)), -1, dtype=np.int64)
     ctx = np.repeat(np.arange(n, dtype=np.int64), lengths)

@@ -17,8 +17,11 @@ from .packed import PackedRows
 
 __all__ = ["pair_overlap_cpu"]
 
-#: pairs compared per chunk; bounds the temporary K x K boolean cube to ~64 MB at K=32
+#: pairs compared per chunk at most
 _CHUNK = 1 << 16
+#: temporary cells per chunk at most (pairs x row width, or x width squared for the cube), so a
+#: batch with very long rows works through them in smaller chunks instead of allocating gigabytes
+_CHUNK_CELLS = 1 << 22
 
 
 def pair_overlap_cpu(rows: PackedRows, left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -28,20 +31,23 @@ def pair_overlap_cpu(rows: PackedRows, left: np.ndarray, right: np.ndarray) -> n
         raise ValueError(f"left and right must have the same shape, got {left.shape} and {right.shape}")
     out = np.zeros(len(left), dtype=np.int64)
     ids, w = rows.ids, rows.weights
+    width = max(1, rows.width)
     if rows.item_weights is not None:
         item_w = rows.item_weights
-        for lo in range(0, len(left), _CHUNK):
-            both = np.concatenate([ids[left[lo : lo + _CHUNK]], ids[right[lo : lo + _CHUNK]]], axis=1)
+        chunk = max(1, min(_CHUNK, _CHUNK_CELLS // (2 * width)))
+        for lo in range(0, len(left), chunk):
+            both = np.concatenate([ids[left[lo : lo + chunk]], ids[right[lo : lo + chunk]]], axis=1)
             both.sort(axis=1)  # values only: stability is moot, and the default (SIMD) sort is ~8x faster
             twin = (both[:, 1:] == both[:, :-1]) & (both[:, 1:] >= 0)
-            out[lo : lo + _CHUNK] = np.where(twin, item_w[np.maximum(both[:, 1:], 0)], 0).sum(axis=1)
+            out[lo : lo + chunk] = np.where(twin, item_w[np.maximum(both[:, 1:], 0)], 0).sum(axis=1)
         return out
-    for lo in range(0, len(left), _CHUNK):
-        li = left[lo : lo + _CHUNK]
-        ri = right[lo : lo + _CHUNK]
+    chunk = max(1, min(_CHUNK, _CHUNK_CELLS // (width * width)))
+    for lo in range(0, len(left), chunk):
+        li = left[lo : lo + chunk]
+        ri = right[lo : lo + chunk]
         a = ids[li]  # (m, K)
         b = ids[ri]
         b = np.where(b < 0, -2, b)  # padding never matches padding
         hit = (a[:, :, None] == b[:, None, :]).any(axis=2)
-        out[lo : lo + _CHUNK] = (w[li].astype(np.int64) * hit).sum(axis=1)
+        out[lo : lo + chunk] = (w[li].astype(np.int64) * hit).sum(axis=1)
     return out

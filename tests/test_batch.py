@@ -149,3 +149,63 @@ def test_level_greedy_gives_up_only_when_it_cannot_beat_the_other_tree(contexts)
     kept = level_greedy(ib.lengths, ib.starts, ib.items, ib.weights, group, beat=reuse)
     assert kept is not None and (kept == full).all()
     assert level_greedy(ib.lengths, ib.starts, ib.items, ib.weights, group, beat=reuse + 10**9) is None or reuse == 0
+
+
+def test_one_long_context_does_not_set_the_width_of_the_whole_batch():
+    """A batch of short contexts with one very long one: planned in memory that fits the short ones."""
+    import tracemalloc
+
+    shared = [f"shared chunk {i}" for i in range(40)]
+    short = [[shared[(c * 7 + j) % 40] for j in range(3)] for c in range(500)]
+    long_one = [f"long context chunk {j}" for j in range(1024)] + shared[:3]
+    contexts = parse(short + [long_one])
+    tracemalloc.start()
+    try:
+        plan = plan_batch(contexts)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    for ctx, order in zip(contexts, plan.orders):
+        assert sorted(order) == list(range(len(ctx)))
+    # comparing every cell of every merged pair at the long context's width took hundreds of MB here
+    assert peak < 32 << 20, f"planning peaked at {peak >> 20} MB"
+    long_order = [contexts[-1][j].key for j in plan.orders[-1]]
+    assert set(long_order[:3]) == {b.key for b in contexts[-1][-3:]}  # its shared blocks still lead
+    alone = plan_batch(parse(short))
+    assert plan.reuse_tokens >= alone.reuse_tokens  # the short ones share as much as without it
+
+
+def test_interning_and_probes_match_the_plain_definitions_on_ragged_batches():
+    from contextpilot_engine.candidates import _rarest
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        lengths = rng.integers(1, 30, size=rng.integers(2, 40))
+        lengths[0] = 200  # one long row: the case the flat forms exist for
+        items = np.concatenate([rng.choice(300, size=k, replace=False) for k in lengths])
+        holders = np.bincount(items, minlength=300)
+        got_items, got_ctx = _rarest(lengths, items, holders, 5)
+        want_items, want_ctx = [], []
+        start = 0
+        for c, k in enumerate(lengths.tolist()):
+            mine = [i for i in items[start:start + k].tolist() if holders[i] > 1]
+            for i in sorted(mine, key=lambda i: (holders[i], i))[:5]:
+                want_items.append(i)
+                want_ctx.append(c)
+            start += k
+        assert got_items.tolist() == want_items and got_ctx.tolist() == want_ctx
+    batch = intern_batch(parse([["a", "b", "a", "a"], ["b", "c"], ["c", "c"]]))
+    assert batch.n_items == 6 and batch.lengths.tolist() == [4, 2, 2]  # a, a#2, a#3, b, c, c#2
+
+
+def test_bench_skewed_batch_script_reports_both_batches():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_skewed_batch.py"
+    out = subprocess.run([sys.executable, str(script), "--contexts", "200", "--long", "300"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "200 contexts of 3 blocks" in out.stdout and "one of 300 blocks" in out.stdout
+    assert "skewed over flat: time" in out.stdout
