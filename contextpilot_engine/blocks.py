@@ -25,6 +25,8 @@ __all__ = [
     "TokenCounter",
     "estimate_tokens",
     "block_key",
+    "block_keys",
+    "MAX_CONTEXT_TOKENS",
     "make_block",
     "block_fields",
     "checked_count",
@@ -79,6 +81,24 @@ def block_key(text: str) -> int:
     return xxhash.xxh3_128_intdigest(text.encode("utf-8"))
 
 
+def block_keys(texts: Sequence[str], wheres: Sequence[str]) -> list[int]:
+    """:func:`block_key` of each text; a text that is not valid Unicode (a lone surrogate) is an error naming it."""
+    try:
+        return [block_key(t) for t in texts]
+    except UnicodeEncodeError:
+        for text, where in zip(texts, wheres):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{where}: the text is not valid Unicode ({exc.reason} at character "
+                                 f"{exc.start})") from None
+        raise
+
+
+#: most tokens one context may hold (the overlap kernels count them in 32 bits)
+MAX_CONTEXT_TOKENS = 2**31 - 1
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Block:
     """One context block, normalised.
@@ -125,8 +145,9 @@ def block_fields(item: BlockInput, where: str) -> tuple[str, str | None]:
 
 def checked_count(tokens: Any, where: str) -> int:
     """A token counter's answer, validated (at least 1)."""
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-        raise ValueError(f"{where}: the token counter returned {tokens!r}; it must return an int >= 0")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0 or tokens > MAX_CONTEXT_TOKENS:
+        raise ValueError(f"{where}: the token counter returned {tokens!r}; it must return an int from 0 to "
+                         f"{MAX_CONTEXT_TOKENS}")
     return max(1, tokens)
 
 
@@ -137,4 +158,5 @@ def make_block(item: BlockInput, count_tokens: Callable[[str], int], where: str)
     so a rejected call says exactly which element was wrong.
     """
     text, label = block_fields(item, where)
-    return Block(block_key(text), text, checked_count(count_tokens(text), where), label, item)
+    (key,) = block_keys([text], [where])
+    return Block(key, text, checked_count(count_tokens(text), where), label, item)

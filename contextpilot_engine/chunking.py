@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import xxhash
 
-__all__ = ["Chunk", "chunk_text"]
+__all__ = ["Chunk", "chunk_text", "MIN_CHUNK_WORDS"]
+
+#: the smallest chunk target: shorter chunks would repeat by chance across unrelated texts
+MIN_CHUNK_WORDS = 4
 
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 
@@ -37,8 +40,8 @@ def _chunk_key(words: list[str]) -> int:
 
 def chunk_text(text: str, target_words: int = 48) -> list[Chunk]:
     """Split ``text`` into content-defined chunks (see the module docstring)."""
-    if target_words < 4:
-        raise ValueError(f"target_words must be >= 4, got {target_words}")
+    if target_words < MIN_CHUNK_WORDS:
+        raise ValueError(f"target_words must be >= {MIN_CHUNK_WORDS}, got {target_words}")
     words = _WORD.findall(text)
     lo, hi = max(1, target_words // 4), target_words * 4
     chunks: list[Chunk] = []

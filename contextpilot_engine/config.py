@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from .chunking import MIN_CHUNK_WORDS
 from .index import IndexLimits
 
 __all__ = ["PilotConfig", "DEFAULT_HINT", "DEFAULT_CHUNK_HINT", "DEFAULT_COPY_HINT", "DEFAULT_COPY_CHUNK_HINT"]
@@ -104,7 +105,9 @@ class PilotConfig:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
         for name in templates:
-            _check_template(name, getattr(self, name), _COPY_FIELDS if name.startswith("copy") else _TEMPLATE_FIELDS)
+            _check_template(name, getattr(self, name), _FIELDS_OF.get(name, _TEMPLATE_FIELDS))
+        if self.chunk_target_words < MIN_CHUNK_WORDS:  # chunks of fewer words would match by chance
+            raise ValueError(f"chunk_target_words: expected an int >= {MIN_CHUNK_WORDS}, got {self.chunk_target_words!r}")
 
     @property
     def index_limits(self) -> IndexLimits:
@@ -160,7 +163,12 @@ _POSITIVE_INTS = (
 )
 
 _TEMPLATE_FIELDS = {"doc_id": "d", "turn": 1, "position": 1, "words": 1, "hash": "h"}
-_COPY_FIELDS = {"doc_id": "d", "where": "message 2 (user)", "words": 1, "hash": "h"}
+#: the fields each in-prompt copy hint is formatted with (:mod:`.prompt_copies`): exactly these, so a
+#: template the config accepts never fails a request
+_FIELDS_OF = {
+    "copy_hint_template": {"doc_id": "d", "where": "message 2 (user)", "hash": "h"},
+    "copy_chunk_hint_template": {"where": "message 2 (user)", "words": 1},
+}
 
 
 def _check_template(name: str, template: str, fields_: Mapping[str, Any]) -> None:

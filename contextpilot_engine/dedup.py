@@ -373,15 +373,23 @@ class ConversationStore:
         (default: the sent ones); it updates how long blocks stay.
         """
         with self._lock:
-            turn = self._commit(tenant, conversation_id, sent, present)
-            if self._inflight == (tenant, conversation_id):
-                self._inflight = None  # its turn is recorded: an ordinary conversation again
+            try:
+                turn = self._commit(tenant, conversation_id, sent, present)
+            finally:
+                if self._inflight == (tenant, conversation_id):
+                    self._inflight = None  # its turn is recorded (or failed): an ordinary conversation again
         self.budget.settle(tenant)
         return turn
 
     def _commit(
         self, tenant: str, conversation_id: str, sent: Sequence[tuple[Block, int]], present: Sequence[Block] | None
     ) -> int:
+        # everything that can fail first, so a failure changes nothing
+        chunked = [
+            (block, position, chunk_text(block.text, self.chunk_target_words) if block.tokens >= self.chunk_min_tokens
+             else ())
+            for block, position in sent
+        ]
         key = (tenant, conversation_id)
         conv_account, life_account = self._accounts_of(tenant)
         conv = self._convs.get(key)
@@ -408,12 +416,12 @@ class ConversationStore:
         if grown:
             life_account.charge(grown, grown * RUN_BYTES)
         entries_before = len(conv.blocks) + len(conv.chunks)
-        for block, position in sent:
+        for block, position, chunks in chunked:
             if block.key not in conv.blocks:
                 conv.blocks[block.key] = Sighting(turn, position, block.label or f"#{block.short_id[:8]}")
-            if block.tokens >= self.chunk_min_tokens:
+            if chunks:
                 sighting = Sighting(turn, position, block.label or f"#{block.short_id[:8]}")
-                for chunk in chunk_text(block.text, self.chunk_target_words):
+                for chunk in chunks:
                     conv.chunks.setdefault(chunk.key, sighting)
         entries = len(conv.blocks) + len(conv.chunks)
         if entries > entries_before:

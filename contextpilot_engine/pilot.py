@@ -36,6 +36,7 @@ from .validation import (
     check_name,
     check_optional_str,
     check_query,
+    ensure_sequence_of,
     parse_context,
     parse_contexts,
     parse_messages,
@@ -188,6 +189,7 @@ class ContextPilot:
         """
         cid = check_name(conversation_id, "conversation_id", allow_none=True)
         check_optional_str(system_instruction, "system_instruction")
+        _check_parsed(blocks, query, copies, "")
         name = self._tenant(tenant)
         with self._lock:
             turn = (
@@ -215,6 +217,7 @@ class ContextPilot:
                 raise TypeError(f"requests[{n}]: expected a PendingRequest, got {type(r).__name__}")
             cid = check_name(r.conversation_id, f"requests[{n}].conversation_id", allow_none=True)
             check_optional_str(r.system_instruction, f"requests[{n}].system_instruction")
+            _check_parsed(r.blocks, r.query, r.copies, f"requests[{n}].")
             checked.append((cid, self._tenant(r.tenant)))
         with self._lock:
             served: list = [None] * len(requests)
@@ -387,8 +390,10 @@ class ContextPilot:
                 self.conversations.close()
                 if self._owns_index:
                     self.index.close()
-                self.index = ContextIndex(self.config.index_limits, budget=self.index.budget)
-                self._owns_index = True
+                    self.index = ContextIndex(self.config.index_limits, budget=self.index.budget)
+                else:  # a shared index (an engine's mirror feeds it): keep it, forget what its tenants learned
+                    for shared in list(self.index.tenant_names()):
+                        self.index.drop_tenant(shared)
                 self.conversations = self._new_conversations()
                 return
             name = check_name(tenant, "tenant")
@@ -406,6 +411,21 @@ class ContextPilot:
                 "backend": self.backend.name,
                 "memory": self.index.budget.stats(),
             }
+
+
+def _check_parsed(blocks: Any, query: Any, copies: Any, where: str) -> None:
+    """The shape of a request whose blocks are already parsed, checked before anything is served.
+
+    The query may be empty (a conversation whose last user turn is not
+    text), but it is a string.
+    """
+    if not isinstance(blocks, (list, tuple)):
+        raise TypeError(f"{where}blocks: expected a list of Block (from parse_docs), got {type(blocks).__name__}")
+    ensure_sequence_of(blocks, f"{where}blocks", Block)
+    if not isinstance(query, str):
+        raise TypeError(f"{where}query: expected str, got {type(query).__name__}")
+    if copies is not None and not isinstance(copies, PromptCopies):
+        raise TypeError(f"{where}copies: expected PromptCopies or None, got {type(copies).__name__}")
 
 
 def _token_counter(tokenizer: Any) -> Callable[[str], int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .blocks import Block, block_fields, block_key, checked_count, count_texts
+from .blocks import MAX_CONTEXT_TOKENS, Block, block_fields, block_keys, checked_count, count_texts
 
 __all__ = [
     "UnknownIdError",
@@ -74,7 +74,7 @@ class _BlockMaker:
         if pending:
             memos = list(pending)
             texts = [fields[m][0] for m in memos]
-            keys = [block_key(t) for t in texts]
+            keys = block_keys(texts, [f"{name}[{pending[m][0]}]" for m in memos])
             counts = count_texts(self.count_tokens, texts, keys)
             for memo, key, n in zip(memos, keys, counts):
                 text, label = fields[memo]
@@ -110,7 +110,11 @@ def parse_context(
             f"{name}: {len(context)} blocks is more than the limit of {max_blocks} per context "
             "(raise max_blocks_per_context if this is intended)"
         )
-    return (maker or _BlockMaker(count_tokens)).make_all(context, name)
+    blocks = (maker or _BlockMaker(count_tokens)).make_all(context, name)
+    total = sum(b.tokens for b in blocks)
+    if total > MAX_CONTEXT_TOKENS:  # the overlap kernels count a context's tokens in 32 bits
+        raise ValueError(f"{name}: {total} tokens in one context is more than the limit of {MAX_CONTEXT_TOKENS}")
+    return blocks
 
 
 def parse_contexts(
