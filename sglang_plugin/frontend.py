@@ -101,6 +101,7 @@ def around_convert(original: Any, self: Any, request: Any, raw_request: Any = No
         return original(self, request, raw_request, *args, **kwargs)
     headers = getattr(raw_request, "headers", None)
     spec = spec_from_http(_body_field(request, raw_request), headers, state.options.pilot.max_blocks_per_context)
+    rewriting.check_client_salt(state, getattr(request, "cache_salt", None))
     sink: list[dict] = []
     try:
         messages = [_as_dict(m) for m in request.messages]

@@ -352,6 +352,21 @@ def test_rewrite_report_streaming_and_tenant_salt_with_a_stub():
         assert be.received[-1]["cache_salt"] == "contextpilot-tenant=b" and be.received[-1]["prompt"] == "p"
 
 
+def test_a_client_salt_cannot_spell_a_tenant_namespace():
+    with StubBackend() as be, ProxyThread(ProxyConfig(backend=be.url)) as px:
+        client = httpx.Client(base_url=px.url, timeout=10)
+        for forged in ("contextpilot-tenant=team-a", "x|contextpilot-tenant=team-a"):
+            r = chat(client, DOCS[:3], cache_salt=forged)
+            assert r.status_code == 400 and "cache_salt" in r.json()["error"]["message"]
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": "p", "cache_salt": forged})
+            assert r.status_code == 400
+        assert not be.received  # nothing forged reached the backend
+        chat(client, DOCS[:3], cache_salt="mine")
+        assert be.received[-1]["cache_salt"] == "mine"  # an ordinary salt goes on as given
+        chat(client, DOCS[:3], cache_salt="mine", headers={"X-ContextPilot-Tenant": "team-a"})
+        assert be.received[-1]["cache_salt"] == "mine|contextpilot-tenant=team-a"
+
+
 def test_reorder_evict_reset_stats_metrics():
     with StubBackend() as be, ProxyThread(ProxyConfig(backend=be.url)) as px:
         client = httpx.Client(base_url=px.url, timeout=10)

@@ -118,6 +118,18 @@ def test_headers_implicit_documents_and_tenant_salt(serving):
     assert "<document>" not in text and all(d in text for d in DOCS[3:])
 
 
+def test_a_client_salt_cannot_spell_a_tenant_namespace(serving):
+    from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
+
+    from contextpilot_engine.integration.requests import ContextPilotRequestError
+
+    chat, state, cache, alloc = serving
+    request = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=4,
+                                    cache_salt="contextpilot-tenant=team-b")
+    with pytest.raises(ContextPilotRequestError, match="cache_salt"):
+        chat._convert_to_internal_request(request, RawRequest({"contextpilot": {"contexts": DOCS[:2]}}, None))
+
+
 def test_dedup_points_only_at_copies_in_the_prompt(serving):
     chat, state, cache, alloc = serving
     history = [{"role": "user", "content": "run it"}, {"role": "assistant", "content": "ran"},

@@ -237,6 +237,7 @@ def _wrap_create_chat_completion(orig):
             extra = getattr(request, "model_extra", None) or {}
             headers = getattr(raw_request, "headers", None)
             spec = spec_from_http(extra.get("contextpilot"), headers, state.options.pilot.max_blocks_per_context)
+            rewriting.check_client_salt(state, getattr(request, "cache_salt", None))
         except ContextPilotRequestError as exc:
             return self.create_error_response(str(exc), param="contextpilot")
         except Exception as exc:  # fail open: serve it as sent

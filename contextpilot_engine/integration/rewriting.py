@@ -42,7 +42,7 @@ from .requests import ContextPilotRequestError, RequestSpec
 from .state import EngineState
 
 __all__ = ["Arrival", "Prepared", "ServedTokens", "prepare", "prepare_group", "finish", "rejected", "as_sent",
-           "failed_open", "tenant_cache_salt"]
+           "failed_open", "tenant_cache_salt", "check_client_salt", "TENANT_MARK"]
 
 
 @dataclass
@@ -74,6 +74,24 @@ class ServedTokens:
     lora_name: str | None = None
 
 
+#: what every tenant's cache salt holds (:func:`tenant_cache_salt`), and no client's may
+TENANT_MARK = "contextpilot-tenant="
+
+
+def check_client_salt(state: EngineState, client_salt: Any) -> None:
+    """Refuse a client's ``cache_salt`` that could spell a tenant's KV namespace.
+
+    A tenant's salt is built from a fixed mark and its name, so without this
+    check a client could send that salt itself and hit (or time) the
+    tenant's pages.  Every request is checked, rewritten or not.
+    """
+    if state.options.tenant_isolation and isinstance(client_salt, str) and TENANT_MARK in client_salt:
+        raise ContextPilotRequestError(
+            f"cache_salt: {client_salt!r:.80} contains {TENANT_MARK!r}, which is reserved for tenant namespaces; "
+            "name the tenant with the X-ContextPilot-Tenant header (or contextpilot.tenant) instead"
+        )
+
+
 def tenant_cache_salt(state: EngineState, tenant: str | None, client_salt: Any) -> Any:
     """The cache salt a request of ``tenant`` is served with.
 
@@ -84,7 +102,7 @@ def tenant_cache_salt(state: EngineState, tenant: str | None, client_salt: Any) 
     options = state.options
     if not options.tenant_isolation or tenant is None or tenant == options.pilot.tenant:
         return client_salt
-    mark = f"contextpilot-tenant={tenant}"
+    mark = f"{TENANT_MARK}{tenant}"
     return f"{client_salt}|{mark}" if client_salt else mark
 
 

@@ -196,6 +196,7 @@ class ChatPath:
             state = self.view.active()
             spec = spec_from_http(body.pop("contextpilot", None), request.headers,
                                   state.options.pilot.max_blocks_per_context)
+            rewriting.check_client_salt(state, body.get("cache_salt"))
         return clock, body, state, spec
 
     def _rejected(self, exc: Exception, endpoint: str) -> Response:
