@@ -672,3 +672,20 @@ def test_line_token_cache_keeps_itself_on_when_pieces_tokenize_alike():
     assert all(check.result(timeout=10) for check in cache.checks) and cache.enabled
     assert cache.checked == 3
 
+
+
+def test_evicting_a_request_keeps_a_shorter_request_it_contains():
+    from contextpilot_engine.proxy.evictions import ServedPath, ServedPaths
+
+    index = ContextIndex()
+    pre, b1, b2 = 100, 1, 2
+    index.record("t", pre, 10, [(b1, 50)])  # request A: preamble, b1
+    index.record("t", pre, 10, [(b1, 50), (b2, 50)])  # request B continues A
+    paths = ServedPaths()
+    paths.remember("A", ServedPath("t", (pre, b1), modelled=True))
+    paths.remember("B", ServedPath("t", (pre, b1, b2), modelled=True))
+    assert paths.evict(["B"], [index]) == (1, [])
+    assert index.match("t", pre, {b1: 1}, {b1: 50}).hit_tokens == 60  # A (preamble and b1) was not evicted
+    assert index.match("t", pre, {b1: 1, b2: 1}, {b1: 50, b2: 50}).hit_tokens == 60  # only B's own block went
+    assert paths.evict(["A"], [index]) == (1, [])
+    assert index.match("t", pre, {b1: 1}, {b1: 50}).hit_tokens == 0
