@@ -673,6 +673,21 @@ def test_line_token_cache_keeps_itself_on_when_pieces_tokenize_alike():
     assert cache.checked == 3
 
 
+def test_line_token_cache_is_bounded_by_size_not_only_by_entries():
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from contextpilot_engine.proxy.tokenization import LineTokenCache
+
+    vocab = {c: i for i, c in enumerate(["x", "\n", "a", "y"])}
+    plain = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
+    cache = LineTokenCache(transformers.PreTrainedTokenizerFast(tokenizer_object=plain), max_bytes=2 << 20)
+    for n in range(200):  # one-line documents of some kB each: past the bytes, far under the entries
+        text = "y" * n + "a" * 300
+        assert cache.encode(text) == [3] * n + [2] * 300  # every answer right, kept or not
+    assert cache.nbytes <= cache.max_bytes and 0 < len(cache._ids) < 200
+    huge = "x" * 2_000  # past a sixty-fourth of the bound: tokenized, never kept
+    assert cache.encode(huge) == [0] * 2_000 and huge not in cache._ids
+
 
 def test_evicting_a_request_keeps_a_shorter_request_it_contains():
     from contextpilot_engine.proxy.evictions import ServedPath, ServedPaths

@@ -129,14 +129,22 @@ class LineTokenCache:
     """
 
     CHECKS = 16
+    #: approximate resident bytes of one cached token id (its slot in the list and, past the small
+    #: integers Python shares, its int object) and of one entry's own overhead
+    TOKEN_BYTES = 36
+    ENTRY_BYTES = 200
 
-    def __init__(self, tokenizer: Any, max_entries: int = 20_000):
+    def __init__(self, tokenizer: Any, max_entries: int = 20_000, max_bytes: int = 32 << 20):
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._encode_batch = None
         if backend is not None:
             self._encode_batch = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self._tokenizer = tokenizer
         self.max_entries = max_entries
+        #: the cache's size bound in bytes: a piece can be a whole one-line document, so a count of
+        #: entries alone bounds nothing; a piece past a sixty-fourth of it is never kept
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._ids: OrderedDict[str, list[int]] = OrderedDict()
         self.enabled = self._encode_batch is not None
         self.checked = 0
@@ -157,26 +165,39 @@ class LineTokenCache:
         lines = _pieces(text)
         cache = self._ids
         missing = [line for line in dict.fromkeys(lines) if line not in cache]
+        fresh: dict[str, list[int]] = {}
         if missing:
             assert self._encode_batch is not None
+            largest = self.max_bytes // 64
             for line, enc in zip(missing, self._encode_batch(missing, add_special_tokens=False)):
-                cache[line] = list(enc.ids)
+                ids = fresh[line] = list(enc.ids)
+                size = self._size(line, ids)
+                if size <= largest:
+                    cache[line] = ids
+                    self.nbytes += size
         out: list[int] = []
         for line in lines:
             ids = cache.get(line)
-            if ids is None:  # dropped meanwhile by the bound: tokenize it again
-                ids = self.whole(line)
-            else:
+            if ids is not None:
                 cache.move_to_end(line)
+            else:  # too large to keep, or dropped meanwhile by the bound
+                ids = fresh.get(line)
+                if ids is None:
+                    ids = self.whole(line)
             out.extend(ids)
-        while len(cache) > self.max_entries:
-            cache.popitem(last=False)
+        while cache and (len(cache) > self.max_entries or self.nbytes > self.max_bytes):
+            line, ids = cache.popitem(last=False)
+            self.nbytes -= self._size(line, ids)
         if self.checked < self.CHECKS:
             self.checked += 1
             if self._checker is None:
                 self._checker = ThreadPoolExecutor(1, thread_name_prefix="contextpilot-line-check")
             self.checks.append(self._checker.submit(self._check, text, list(out)))
         return out
+
+    @classmethod
+    def _size(cls, line: str, ids: list[int]) -> int:
+        return cls.ENTRY_BYTES + len(line) + cls.TOKEN_BYTES * len(ids)
 
     def _check(self, text: str, ids: list[int]) -> bool:
         """Whether ``ids`` (the cache's) are ``text`` tokenized whole; turns the cache off if not."""
