@@ -17,9 +17,9 @@ Two deployments:
   chosen against that replica's mirror, and sent to that replica's engine.
 
 **Failures.**  A request whose engine cannot be reached or drops the
-connection before answering (the proxy's 502/504, naming the engine) is
-retried once on another replica, and the failed replica is avoided until
-Ray Serve replaces it.  If the retry fails too, the client gets that 502/504.
+connection before answering (the proxy's 502/504, naming the engine), or
+whose replica cannot be mirrored, is retried once on another replica, and
+the failed replica is avoided until Ray Serve replaces it.  If the retry fails too, the client gets that 502/504.
 A streamed answer that already started cannot be retried: it ends with an
 error event.  With another router than ours (the benchmark's baselines) the
 request goes through Ray to the replica, which forwards it unchanged.
@@ -198,20 +198,25 @@ class Ingress:
         await self.replicas.refresh()
         await self._settle()
         response: Response | None = None
+        unmirrored = False
         while True:
             async with self.engine.choose_replica(query) as selection:
                 replica = selection.replica_id
                 cache = await self.replicas.ensure(replica, selection.replica_metadata)
                 if cache is None:
-                    response = _error(503, f"replica {replica} publishes no engine endpoints this router can use "
-                                           "(deploy contextpilot_engine.routing.deployment:EngineReplica)")
+                    unmirrored = self.replicas.cannot_open(replica)
+                    response = _error(503, f"replica {replica}: " + (
+                        "its engine cannot be mirrored now (see the router's log)" if unmirrored else
+                        "it publishes no engine endpoints this router can use "
+                        "(deploy contextpilot_engine.routing.deployment:EngineReplica)"))
                 else:
                     handler = cache.proxy.chat.chat if chat else cache.proxy.chat.completions
                     response = await handler(request)
-            failed = response.status_code in (502, 504)
+            failed = response.status_code in (502, 504) or cache is None
             self._record(query, replica, response.status_code)
             if failed and self.retry and query.attempt == 1 and len(self.replicas.members()) > 1:
-                self.replicas.suspect(replica, f"HTTP {response.status_code}")
+                if cache is not None or unmirrored:  # a replica still starting up is not suspect
+                    self.replicas.suspect(replica, f"HTTP {response.status_code}")
                 query = query.retry_without(replica)
                 continue
             return self._annotate(response, query, replica)

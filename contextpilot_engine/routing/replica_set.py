@@ -165,13 +165,17 @@ class ReplicaSet:
         failed = self._open_failed.get(replica)
         return failed is not None and time.monotonic() - failed < 5.0
 
+    def cannot_open(self, replica: str) -> bool:
+        """Opening the replica's mirror failed within the last few seconds (it is not tried again sooner)."""
+        return self._recently_failed(replica)
+
     async def ensure(self, replica: str, endpoints: ServerEndpoints | Mapping[str, Any] | None) -> ReplicaCache | None:
         """The replica's cache, opening its proxy first if needed; None if it cannot be opened now."""
         if not isinstance(endpoints, ServerEndpoints):
             endpoints = ServerEndpoints.from_metadata(endpoints)
         cache = self.cache(replica)
-        if cache is not None or endpoints is None:
-            return cache
+        if cache is not None or endpoints is None or self._recently_failed(replica):
+            return cache  # a failed open is retried after a pause, not on every request sent there
         pending = self._opening.get(replica)
         if pending is None:
             pending = asyncio.ensure_future(self._open(replica, endpoints))
@@ -197,9 +201,14 @@ class ReplicaSet:
             return None
         cache = ReplicaCache(replica, endpoints, proxy)
         with self._lock:
-            if replica not in self._members:
-                self._members[replica] = endpoints  # known from a selection before the router published it
-            self._caches[replica] = cache
+            gone = replica not in self._members and replica in self.departed
+            if not gone:
+                if replica not in self._members:
+                    self._members[replica] = endpoints  # known from a selection before the router published it
+                self._caches[replica] = cache
+        if gone:  # it left while its proxy was opening: nothing to mirror any more
+            await self._close(cache)
+            return None
         self._open_failed.pop(replica, None)
         return cache
 
