@@ -63,10 +63,12 @@ def arrival_dfs_order(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray) 
     pull a request out of its subtree, which would cost cache hits.
     """
     n = len(lengths)
-    lex = lexicographic_order(lengths, starts, seq)
+    if n < 2:
+        return np.arange(n, dtype=np.int64)
     mat = _padded(lengths, starts, seq)
-    if mat is None or n < 2:
-        return lex
+    if mat is None:
+        return _arrival_dfs_by_tree(lengths, starts, seq)
+    lex = lexicographic_order(lengths, starts, seq)
     rows = mat[lex]
     width = rows.shape[1]
     # new_group[r, d]: row r starts a new group of identical prefixes [0..d]
@@ -81,6 +83,33 @@ def arrival_dfs_order(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray) 
     keys[rows < 0] = -1  # a context that ends here comes before its extensions
     order = np.lexsort([lex] + [keys[:, d] for d in range(width - 1, -1, -1)])
     return lex[order]
+
+
+def _arrival_dfs_by_tree(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """:func:`arrival_dfs_order` on a prefix tree of dicts, for batches whose padded matrix is too large.
+
+    Contexts are inserted in arrival order, so each node's children are in
+    the order of the earliest arrival below them, and the contexts that end
+    at a node (before its extensions) in arrival order: a pre-order walk is
+    the same order as the matrix version, in time linear in the items.
+    """
+    flat, bounds = seq.tolist(), starts.tolist()
+    root: list = [{}, []]  # children by item, contexts ending here
+    for c in range(len(lengths)):
+        node = root
+        for item in flat[bounds[c] : bounds[c + 1]]:
+            child = node[0].get(item)
+            if child is None:
+                child = node[0][item] = [{}, []]
+            node = child
+        node[1].append(c)
+    out: list[int] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        out.extend(node[1])
+        stack.extend(reversed(list(node[0].values())))
+    return np.asarray(out, dtype=np.int64)
 
 
 def prefix_reuse(

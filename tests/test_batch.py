@@ -119,6 +119,17 @@ def test_arrival_dfs_order_is_depth_first_and_prefers_early_arrivals(seqs):
     assert rows[0][0] == seqs[0][0]
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=5), min_size=2, max_size=30))
+def test_arrival_dfs_order_is_the_same_without_the_padded_matrix(seqs):
+    from contextpilot_engine.schedule import _arrival_dfs_by_tree
+
+    lengths = np.array([len(s) for s in seqs])
+    starts = np.r_[0, np.cumsum(lengths)]
+    flat = np.concatenate([np.array(s) for s in seqs])
+    assert _arrival_dfs_by_tree(lengths, starts, flat).tolist() == arrival_dfs_order(lengths, starts, flat).tolist()
+
+
 @settings(max_examples=60, deadline=None)
 @given(batches, st.data())
 def test_polish_never_loses_reuse_and_keeps_fixed_prefixes(contexts, data):

@@ -704,3 +704,23 @@ def test_evicting_a_request_keeps_a_shorter_request_it_contains():
     assert index.match("t", pre, {b1: 1, b2: 1}, {b1: 50, b2: 50}).hit_tokens == 60  # only B's own block went
     assert paths.evict(["A"], [index]) == (1, [])
     assert index.match("t", pre, {b1: 1}, {b1: 50}).hit_tokens == 0
+
+
+def test_a_request_remembered_under_two_ids_is_evicted_by_either():
+    from contextpilot_engine.proxy.evictions import ServedPath, ServedPaths
+
+    index = ContextIndex()
+    pre, b1, b2 = 100, 1, 2
+    paths = ServedPaths()
+    a = ServedPath("t", (pre, b1), modelled=True)
+    index.record("t", pre, 10, [(b1, 50)])
+    paths.remember("chatcmpl-A", a)  # the backend's id and the client's request_id: one request
+    paths.remember("req-A", a)
+    assert paths.evict(["chatcmpl-A"], [index]) == (1, []) and len(paths) == 0
+    b = ServedPath("t", (pre, b1, b2), modelled=True)
+    index.record("t", pre, 10, [(b1, 50), (b2, 50)])
+    paths.remember("chatcmpl-B", b)
+    paths.remember("req-B", b)
+    assert paths.evict(["req-B"], [index]) == (1, [])
+    assert index.match("t", pre, {b1: 1}, {b1: 50}).hit_tokens == 0  # A's end was forgotten with A
+    assert paths.evict(["req-A", "chatcmpl-B"], [index]) == (0, ["req-A", "chatcmpl-B"])

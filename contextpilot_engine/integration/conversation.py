@@ -1,14 +1,17 @@
 """The chat rewrite: which blocks a conversation carries, and the conversation rewritten around them.
 
-How a chat request names its context blocks (first match wins):
+How a chat request names its context blocks:
 
 1. **Request field**: the request-level :class:`~.requests.RequestSpec`
    (body field and headers, parsed by the adapter).
 2. **Message field**: a ``"contextpilot": {...}`` key on any one message.
-   The key is always removed before the engine sees the messages.
+   The key is always removed before the engine sees the messages.  Its
+   fields are merged with the request's (:func:`with_message_spec`): a
+   header naming the tenant never hides a message's blocks, and a field
+   given in both places with different values is a client error.
 3. **Implicit documents** (option ``implicit_documents``, on by default):
    ``<document>...</document>`` elements (optionally ``<document id="x">``)
-   in the first system message.
+   in the first system message, when neither field gives ``contexts``.
 
 The rewrite uses the library's prompt layout (:mod:`contextpilot_engine.prompts`):
 the system message becomes *caller's system text, fixed instruction,
@@ -145,7 +148,7 @@ class RequestContext:
     clean: list
     #: ``contextpilot`` values removed from messages, by message index
     message_specs: list
-    #: the effective spec (the request's, else the one a message carried)
+    #: the effective spec (the request's merged with the one a message carried)
     spec: RequestSpec | None
     #: the blocks as the client gave them (strings or ``{"text", "id"}`` objects)
     docs: list

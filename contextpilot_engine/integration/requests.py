@@ -7,7 +7,9 @@ Every adapter and the proxy accept the same request interface:
   key of any one chat message (the way through offline APIs whose messages
   are plain dicts);
 * the headers ``X-ContextPilot-Conversation`` and ``X-ContextPilot-Tenant``,
-  which supply the conversation and tenant when the object does not.
+  which supply the conversation and tenant when the object does not (and
+  must agree with it when both name one: a gateway sets the header, and
+  the body may not overrule it).
 
 The object accepts ``contexts`` (a list of strings or ``{"text", "id"}``
 objects), ``conversation_id``, ``tenant``, ``enabled`` (false: send the

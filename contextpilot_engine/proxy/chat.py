@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
@@ -63,6 +64,7 @@ __all__ = ["ChatPath", "ProxyCounters", "RANK_HEADER", "error_response", "forwar
 
 #: vLLM's header that pins a request to one data-parallel rank (the proxy sets it when the engine has several)
 RANK_HEADER = "X-data-parallel-rank"
+log = logging.getLogger("contextpilot.proxy")
 #: the status counted for a request whose client disconnected before its answer (nginx's name for it)
 CLIENT_GONE = 499
 
@@ -97,7 +99,8 @@ class ProxyCounters:
     rewritten: int = 0
     client_errors: int = 0
     backend_errors: int = 0
-    #: requests whose client disconnected before the (non-streamed) answer: the backend call was dropped
+    #: requests whose client disconnected before the answer began (any answer, before its first byte,
+    #: streamed or not): the backend call was dropped
     client_gone: int = 0
     rejected_rewrites: int = 0
     #: rewritten requests whose page-exact expected hit differed from the block tree's estimate
@@ -495,8 +498,12 @@ async def _client_gone(request: Request) -> None:
     stops generating only when its own client (the proxy) goes away, so the
     proxy has to notice and drop the backend call itself.
     """
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception as exc:  # a failed receive says nothing about the client: keep serving it
+        log.debug("contextpilot proxy: cannot watch the client for a disconnect: %s", exc)
+        await asyncio.Event().wait()
 
 
 def _chunk_id(event: str) -> str | None:

@@ -35,14 +35,23 @@ class ServedPath:
 
 
 class ServedPaths:
-    """Request id -> the block sequence it served (least recently served dropped beyond ``capacity``)."""
+    """Request id -> the block sequence it served (least recently served dropped beyond ``capacity``).
+
+    One served request may be remembered under several ids (the backend's
+    response id and the client's ``request_id``): they are aliases of one
+    entry, and evicting by any of them forgets them all.
+    """
 
     def __init__(self, capacity: int = 100_000):
         self.capacity = capacity
         self._paths: OrderedDict[str, ServedPath] = OrderedDict()
-        #: (rank, tenant, keys) -> remembered ids whose sequence ends exactly there: the tree does not
+        #: the ids of each remembered request, by its path object
+        self._aliases: dict[int, list[str]] = {}
+        #: (rank, tenant) -> keys -> requests whose sequence ends exactly there: the tree does not
         #: record where a served sequence ends, and a shorter one inside a longer one must outlive it
-        self._ends: Counter[tuple] = Counter()
+        self._ends: dict[tuple, Counter] = {}
+        #: (rank, tenant) -> lengths at which those sequences end, so a climb checks only those depths
+        self._lengths: dict[tuple, Counter] = {}
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -50,18 +59,46 @@ class ServedPaths:
     def remember(self, request_id: str, path: ServedPath) -> None:
         old = self._paths.get(request_id)
         if old is not None:
-            self._forget_end(old)
+            self._unlink(request_id, old)
         self._paths[request_id] = path
         self._paths.move_to_end(request_id)
-        self._ends[_end(path)] += 1
+        ids = self._aliases.get(id(path))
+        if ids is None:
+            self._aliases[id(path)] = [request_id]
+            self._count_end(path, 1)
+        else:
+            ids.append(request_id)
         while len(self._paths) > self.capacity:
-            self._forget_end(self._paths.popitem(last=False)[1])
+            self._unlink(*self._paths.popitem(last=False))
 
-    def _forget_end(self, path: ServedPath) -> None:
-        end = _end(path)
-        self._ends[end] -= 1
-        if self._ends[end] <= 0:
-            del self._ends[end]
+    def _unlink(self, request_id: str, path: ServedPath) -> None:
+        """Forget one id of ``path`` (already out of the id table); the request goes with its last id."""
+        ids = self._aliases.get(id(path))
+        if ids is None:
+            return
+        if request_id in ids:
+            ids.remove(request_id)
+        if not ids:
+            del self._aliases[id(path)]
+            self._count_end(path, -1)
+
+    def _count_end(self, path: ServedPath, change: int) -> None:
+        where = (path.rank, path.tenant)
+        for table, key in ((self._ends, path.keys), (self._lengths, len(path.keys))):
+            counts = table.setdefault(where, Counter())
+            counts[key] += change
+            if counts[key] <= 0:
+                del counts[key]
+                if not counts:
+                    del table[where]
+
+    def ends_at(self, path: ServedPath, depth: int) -> bool:
+        """Whether a remembered request's sequence is exactly the first ``depth`` keys of ``path``."""
+        where = (path.rank, path.tenant)
+        lengths = self._lengths.get(where)
+        if not lengths or depth not in lengths:
+            return False
+        return bool(self._ends[where].get(path.keys[:depth]))
 
     def evict(self, request_ids: list[str], indexes: list[ContextIndex]) -> tuple[int, list[str]]:
         """Drop each id's sequence from its rank's modelled index (``indexes[rank]``); ``(removed, not found)``.
@@ -76,17 +113,16 @@ class ServedPaths:
             if path is None:
                 missing.append(rid)
                 continue
-            self._forget_end(path)
-            if path.modelled and path.rank < len(indexes) and _drop_leaf(indexes[path.rank], path, self._ends):
+            for alias in self._aliases.pop(id(path), ()):  # the request is gone, under every id it had
+                if alias != rid:
+                    self._paths.pop(alias, None)
+            self._count_end(path, -1)
+            if path.modelled and path.rank < len(indexes) and _drop_leaf(indexes[path.rank], path, self):
                 removed += 1
         return removed, missing
 
 
-def _end(path: ServedPath) -> tuple:
-    return (path.rank, path.tenant, path.keys)
-
-
-def _drop_leaf(index: ContextIndex, path: ServedPath, ends: Counter) -> bool:
+def _drop_leaf(index: ContextIndex, path: ServedPath, served: ServedPaths) -> bool:
     """Remove the sequence's nodes that no other sequence continues or ends at (deepest first)."""
     state = index.peek(path.tenant)
     if state is None:
@@ -99,7 +135,7 @@ def _drop_leaf(index: ContextIndex, path: ServedPath, ends: Counter) -> bool:
             return False
     top, depth = node, len(path.keys)
     while (top.parent is not None and top.parent is not trie.root and len(top.parent.children) == 1
-           and not ends.get((path.rank, path.tenant, path.keys[: depth - 1]))):
+           and not served.ends_at(path, depth - 1)):
         top, depth = top.parent, depth - 1
     if node.children:
         return False  # a longer sequence continues this one: it stays cached

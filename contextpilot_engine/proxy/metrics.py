@@ -5,7 +5,7 @@ integration layer's ``contextpilot:*`` metrics (requests rewritten, blocks,
 mirror events and lag, request-path overhead) and these:
 
 * ``contextpilot:proxy_requests_total{endpoint,status}``: requests answered, by route and status code
-  (499: the client disconnected before a non-streamed answer, and the backend call was dropped);
+  (499: the client disconnected before its answer began, and the backend call was dropped);
 * ``contextpilot:proxy_backend_errors_total{kind}``: ``unreachable`` (502) or ``timeout`` (504);
 * ``contextpilot:proxy_overhead_seconds``: what the proxy adds to a request, its own work only
   (parsing, planning, tokenizing, serialising; not the backend's time, not the settling wait);
