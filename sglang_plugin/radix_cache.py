@@ -95,12 +95,29 @@ class CacheMirror:
             mirror.end()
 
     def drain(self, cache: Any) -> None:
+        """Take the recorder's events; mirror them while the mirror works, and keep them for the user's publisher.
+
+        Recording is on because we turned it on: once the mirror is off the
+        events are still taken (and dropped, unless the user asked for
+        them), or the recorder would grow with every insert for the rest of
+        the engine's life.
+        """
         take = type(cache).take_events
         events = list(getattr(take, "__wrapped__", take)(cache) or ())
         if events:
-            self.apply(events)
+            if self.mirror.enabled:
+                self.apply(events)
             if self.keep_events:
                 self.pending.extend(events)
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        logger.warning(message)
 
 
 def mirror_of(cache: Any) -> CacheMirror | None:
@@ -117,6 +134,10 @@ def _owns_the_mirror(params: Any) -> bool:
 def before_init(self: Any, params: Any, *args: Any, **kwargs: Any) -> None:
     try:
         if options_from_server_args(runtime_server_args()) is None or not _owns_the_mirror(params):
+            return
+        if getattr(params, "is_eagle", False):  # its tree keys pages by token pairs, which the mirror cannot name
+            _say_once("contextpilot: SGLang's EAGLE radix tree keys its pages by token pairs; the KV-cache mirror "
+                      "is off for this engine (requests are still rewritten, planned as if nothing were cached)")
             return
         setattr(params, _USER_EVENTS, bool(params.enable_kv_cache_events))
         params.enable_kv_cache_events = True
@@ -160,14 +181,15 @@ def _attach(cache: Any, params: Any, user_events: bool) -> None:
 
 
 def after_change(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
-    m = mirror_of(self)
+    m = self.__dict__.get(ATTR)  # switched off or not: the recorder we turned on is drained either way
     if m is None:
         return
     try:
         m.drain(self)
     except Exception as exc:  # fail open: the tree already did its work
-        report_failure("mirror_error", exc, "the mirror is switched off for this engine")
-        m.mirror.disable(exc)
+        if m.mirror.enabled:
+            report_failure("mirror_error", exc, "the mirror is switched off for this engine")
+            m.mirror.disable(exc)
 
 
 def around_take_events(original: Any, self: Any, *args: Any, **kwargs: Any) -> list:

@@ -12,6 +12,9 @@ then reorders its first ``scheduling_window`` requests, at any queue length:
 * the others by their cached prefix on the live radix tree, longest first,
   ties in order of arrival.
 
+With SGLang's ``--enable-priority-scheduling`` the hook leaves the queue as
+SGLang ordered it: reordering across priorities is not ours to do.
+
 Only the window is matched against the tree, so the cost of a decision is
 bounded whatever the queue length.  A failure leaves SGLang's order.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from contextpilot_engine.integration.failopen import report_failure
+from contextpilot_engine.integration.failopen import logger, report_failure
 from contextpilot_engine.integration.options import PluginOptions
 
 from .config import options_from_server_args, runtime_server_args
@@ -66,6 +69,7 @@ def _arrival(request: Any) -> int:
 
 
 _last: list = [None, None]  # (the server arguments object, its options)
+_warned: list = []
 
 
 def _options() -> PluginOptions | None:
@@ -81,6 +85,12 @@ def around_calc_priority(original: Any, self: Any, waiting_queue: list, *args: A
     try:
         options = _options()
         if options is None or not options.cache_aware_scheduling or len(waiting_queue) < 2:
+            return result
+        if getattr(self, "enable_priority_scheduling", False):  # the user's priorities come first: not ours to undo
+            if not _warned:
+                _warned.append(True)
+                logger.warning("contextpilot: --enable-priority-scheduling is on; cache-aware scheduling is off "
+                               "(it would reorder requests across priorities)")
             return result
         from sglang.srt.mem_cache.common import match_kv_cache
 

@@ -123,3 +123,47 @@ def test_a_users_publisher_still_gets_every_event(published, core):
     replay.apply(cache.take_events())
     assert publisher_view.cached_pages() == m.mirror.index.cached_pages() != {}
     assert cache.take_events() == []  # nothing is handed out twice
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_after_a_mirror_failure_the_recorder_it_turned_on_is_still_drained(published, core):
+    """The mirror is off after our failure (fail open), and SGLang's event recorder does not grow for ever."""
+    from contextpilot_engine.sglang_plugin.testing import insert_tokens, make_cache
+
+    published(tenant=f"leak-{core}")  # no --kv-events-config: recording is on only for the mirror
+    tree, alloc = make_cache(core, 1, slots=512)
+    mirror = tree.__dict__["_contextpilot_mirror"]
+    real = mirror.mirror.index.pages_stored
+
+    def fails_once(keys):
+        mirror.mirror.index.pages_stored = real
+        raise RuntimeError("injected: the index fails once")
+
+    mirror.mirror.index.pages_stored = fails_once
+    for i in range(50):
+        insert_tokens(tree, alloc, [i * 1000 + j for j in range(64)], 1)
+    assert not mirror.mirror.enabled
+    take = type(tree).take_events
+    assert list(getattr(take, "__wrapped__", take)(tree) or ()) == []  # nothing left queued
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_an_eagle_tree_is_not_mirrored(published, core):
+    """EAGLE's tree keys pages by token pairs: no mirror, and no recorder turned on for one."""
+    import torch
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from sglang.srt.mem_cache.unified_cache.components import ComponentType
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    published(tenant=f"eagle-{core}")
+    r2t = ReqToTokenPool(size=8, max_context_len=4096, device="cpu", enable_memory_saver=False)
+    kv = MHATokenToKVPool(size=1024, page_size=1, dtype=torch.bfloat16, head_num=1, head_dim=8, layer_num=1,
+                          device="cpu", enable_memory_saver=False)
+    alloc = TokenToKVPoolAllocator(size=1024, dtype=torch.bfloat16, device="cpu", kvcache=kv, need_sort=False)
+    params = CacheInitParams(disable=False, req_to_token_pool=r2t, token_to_kv_pool_allocator=alloc, page_size=1,
+                             enable_kv_cache_events=False, tree_components=(ComponentType.FULL,),
+                             tree_core_backend=core, is_eagle=True)
+    tree = UnifiedRadixCache(params)
+    assert "_contextpilot_mirror" not in tree.__dict__ and params.enable_kv_cache_events is False

@@ -79,3 +79,18 @@ def test_off_by_default(cache):
     queue = make_queue(6)
     SchedulePolicy("fcfs", tree, False, False, False).calc_priority(queue)
     assert [r.rid for r in queue] == [f"r{i}" for i in range(6)]
+
+
+def test_priority_scheduling_keeps_sglang_order(cache):
+    """With --enable-priority-scheduling the priorities SGLang sorted by stay: no reorder across them."""
+    import time
+
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    tree = cache(cache_aware_scheduling=True, scheduling_window=8)
+    queue = make_queue(4)
+    for r, prio in zip(queue, (0, 0, 10, 10)):  # r2 holds the longest cached prefix, at the later priority
+        r.priority = prio
+        r.time_stats.wait_queue_entry_time = time.monotonic()
+    SchedulePolicy("fcfs", tree, False, True, True).calc_priority(queue)  # priority scheduling, low values first
+    assert [r.priority for r in queue] == [0, 0, 10, 10]
