@@ -74,6 +74,12 @@ def test_flags_merge_over_additional_config_json(parser, model):
     assert args.additional_config == {"contextpilot": {"report": False, "tenant": "y"}, "other": 1}
 
 
+def test_the_switch_wins_over_a_config_that_says_off(parser, model):
+    args = engine_args(parser, ["--model", model, "--enable-contextpilot",
+                                "--additional-config", json.dumps({"contextpilot": {"enabled": False}})])
+    assert args.additional_config == {"contextpilot": {"enabled": True}}
+
+
 def test_without_the_switch_nothing_is_added(parser, model):
     args = engine_args(parser, ["--model", model])
     assert "contextpilot" not in (args.additional_config or {})

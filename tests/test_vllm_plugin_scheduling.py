@@ -73,3 +73,35 @@ def test_without_cached_prefixes_the_order_stays_fcfs(scheduling_llm):
     scheduling_llm.reset_prefix_cache()
     batch = {f"C{k}": ids(200 + k, 4 * BLOCK + 3) for k in range(4)}
     assert admission_order(scheduling_llm, batch) == list(batch)
+
+
+def test_a_request_vllm_pops_and_puts_back_keeps_its_aging(vllm_ready):
+    """vLLM's skip path (pop, then prepend at the end of the step) is no admission: counts stay as they were.
+
+    The queue is the plugin's real FCFSRequestQueue subclass; only the block
+    pool is a stand-in answering which hashes are cached, since the point is
+    the queue's bookkeeping under the scheduler's call sequence.
+    """
+    from types import SimpleNamespace
+
+    from contextpilot_engine.vllm_plugin.scheduling import make_cache_aware_queue
+
+    class Pool:
+        def get_cached_block(self, block_hash, groups):
+            return object() if block_hash == "warm" else None
+
+    cold = SimpleNamespace(request_id="cold", block_hashes=["x"])
+    warm = [SimpleNamespace(request_id=f"warm{i}", block_hashes=["warm"]) for i in range(10)]
+    queue = make_cache_aware_queue(Pool(), window=32, max_overtakes=2, items=[cold] + warm)
+    passed = 0
+    for step in range(8):
+        chosen = queue.peek_request()
+        if chosen is cold and step == 2:  # its turn (aging bound), but vLLM cannot schedule it this step
+            queue.prepend_requests([queue.pop_request()])
+            continue
+        queue.pop_request()
+        if chosen is cold:
+            break
+        passed += 1
+    assert passed == 2  # overtaken exactly max_overtakes times, skip or not
+    assert queue.forced == 1 and queue.reordered == 2

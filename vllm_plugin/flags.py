@@ -56,6 +56,8 @@ def _apply_flags(engine_args: Any, args: argparse.Namespace) -> None:
     extra = dict(engine_args.additional_config or {})
     merged = dict(extra.get(CONFIG_KEY) or {})
     merged.update(given)
+    if not merged.get("enabled", True):
+        merged["enabled"] = True  # the switch on the command line wins over a config that says off
     PluginOptions.from_dict(merged, WHERE)  # fail fast with the option's name
     extra[CONFIG_KEY] = merged
     engine_args.additional_config = extra

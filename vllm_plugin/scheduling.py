@@ -13,6 +13,9 @@ Starvation is bounded by aging: each time a request is admitted ahead of
 older ones, each of those older requests is *overtaken* once; a request that
 has been overtaken ``max_overtakes`` times goes next, whatever its cache hit.
 So a cold request waits for at most ``max_overtakes`` extra admissions.
+A request vLLM pops and puts back in the same step (it could not be
+scheduled: LoRA slots full, waiting for its grammar or remote KV) was not
+admitted: the pop's counts are undone.
 
 The queue is an :class:`vllm.v1.core.sched.request_queue.FCFSRequestQueue`
 subclass, so every other use of the deque by the scheduler keeps working;
@@ -24,6 +27,7 @@ to plain FCFS for that decision.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Iterable
 
 from contextpilot_engine.integration.failopen import report_failure
@@ -31,6 +35,8 @@ from contextpilot_engine.integration.failopen import report_failure
 __all__ = ["make_cache_aware_queue"]
 
 _MAX_SCAN_BLOCKS = 8192
+#: recent pops remembered for undoing (vLLM puts back at most a step's worth)
+_MAX_POPPED = 4096
 
 
 def make_cache_aware_queue(pool: Any, window: int, max_overtakes: int, group_id: int = 0, items: Iterable = ()):
@@ -46,6 +52,9 @@ def make_cache_aware_queue(pool: Any, window: int, max_overtakes: int, group_id:
             self._group = [group_id]
             self._peeked = None
             self._overtaken: dict[str, int] = {}
+            #: what each recent pop changed, by request id, undone if vLLM puts the request back
+            #: (it pops requests it cannot schedule this step, then prepends them): bounded
+            self._popped: OrderedDict[str, tuple[int, list[str], bool, bool]] = OrderedDict()
             #: admissions that overtook at least one older request, and forced by the aging bound
             self.reordered = 0
             self.forced = 0
@@ -97,16 +106,40 @@ def make_cache_aware_queue(pool: Any, window: int, max_overtakes: int, group_id:
             request = self.peek_request()
             i = self._position(request)
             overtaken = self._overtaken
+            bumped: list[str] = []
             if i > 0:
                 self.reordered += 1
                 for j in range(i):
                     rid = self[j].request_id
                     overtaken[rid] = overtaken.get(rid, 0) + 1
-            if overtaken.pop(request.request_id, 0) >= self._max_overtakes and i >= 0:
-                self.forced += 1
+                    bumped.append(rid)
+            count = overtaken.pop(request.request_id, 0)
+            forced = count >= self._max_overtakes and i >= 0
+            self.forced += forced
+            self._popped[request.request_id] = (count, bumped, i > 0, forced)
+            while len(self._popped) > _MAX_POPPED:
+                self._popped.popitem(last=False)
             del self[i]
             self._peeked = None
             return request
+
+        def _put_back(self, request: Any) -> None:
+            """vLLM returns a request it popped but could not schedule: the pop did not happen."""
+            undo = self._popped.pop(request.request_id, None)
+            if undo is None:
+                return
+            count, bumped, reordered, forced = undo
+            overtaken = self._overtaken
+            if count:
+                overtaken[request.request_id] = count
+            for rid in bumped:
+                left = overtaken.get(rid, 0) - 1
+                if left > 0:
+                    overtaken[rid] = left
+                else:
+                    overtaken.pop(rid, None)
+            self.reordered -= reordered
+            self.forced -= forced
 
         # ------------------------------------- mutations invalidate the choice
         def add_request(self, request) -> None:
@@ -115,10 +148,14 @@ def make_cache_aware_queue(pool: Any, window: int, max_overtakes: int, group_id:
 
         def prepend_request(self, request) -> None:
             self._peeked = None
+            self._put_back(request)
             super().prepend_request(request)
 
         def prepend_requests(self, requests) -> None:
             self._peeked = None
+            requests = list(requests)
+            for r in requests:
+                self._put_back(r)
             super().prepend_requests(requests)
 
         def remove_request(self, request) -> None:
