@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 
-__all__ = ["isolate_tmpdir", "remove_tmpdir", "pip_would_install"]
+__all__ = ["isolate_tmpdir", "remove_tmpdir", "pip_would_install", "foreign_code"]
 
 _ENV = "CONTEXTPILOT_TEST_TMPDIR"
 
@@ -51,3 +51,23 @@ def pip_would_install(python: str, requirement: str, workdir: str) -> list[str]:
         raise RuntimeError(f"pip could not resolve {requirement}: {out.stderr[-3000:]}")
     with open(report) as f:
         return sorted(item["metadata"]["name"] for item in json.load(f)["install"])
+
+
+def foreign_code(root: str, *more: str) -> str | None:
+    """Why the package under test is not ``root``'s code, or None when it is.
+
+    The pinned venvs are shared between checkouts, and their editable
+    install points at whichever one last ran its setup script: the core
+    would then come from the current folder but the packages mapped to
+    top-level folders (kernels, the engine adapters) from the other
+    checkout, and a test run would judge code that is not this checkout's.
+    """
+    import importlib
+
+    root = os.path.abspath(root)
+    for name in ("contextpilot_engine", "contextpilot_engine.kernels", *more):
+        where = os.path.abspath(getattr(importlib.import_module(name), "__file__", None) or "")
+        if not where.startswith(root + os.sep):
+            return (f"{name} is imported from {where}, not from this checkout ({root}); run this checkout's "
+                    "scripts/setup_env.sh (or the engine's setup script) first")
+    return None

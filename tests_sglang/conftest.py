@@ -22,8 +22,11 @@ _SESSION_TMP: str | None = None
 
 def pytest_configure(config) -> None:
     global _SESSION_TMP
-    from contextpilot_engine.testing import isolate_tmpdir
+    from contextpilot_engine.testing import foreign_code, isolate_tmpdir
 
+    stray = foreign_code(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contextpilot_engine.sglang_plugin")
+    if stray:
+        pytest.exit(stray, returncode=4)
     _SESSION_TMP = isolate_tmpdir("cp-sgl-tests-")
 
 
