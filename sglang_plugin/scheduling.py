@@ -7,10 +7,12 @@ passed over.  With the option on, an AROUND hook on
 ``SchedulePolicy.calc_priority`` lets SGLang order the queue as configured,
 then reorders its first ``scheduling_window`` requests, at any queue length:
 
-* a request passed over in ``max_overtakes`` ordering decisions goes first
-  (aging bound; a request leaves the queue when it is admitted);
-* the others by their cached prefix on the live radix tree, longest first,
-  ties in order of arrival.
+* by their cached prefix on the live radix tree, longest first, ties in
+  order of arrival;
+* but no request is placed behind more younger requests than its aging
+  bound has left (``max_overtakes`` less the younger requests already
+  admitted ahead of it, counted at each decision from the requests that
+  left the queue since the previous one, see :func:`count_overtakes`).
 
 With SGLang's ``--enable-priority-scheduling`` the hook leaves the queue as
 SGLang ordered it: reordering across priorities is not ours to do.
@@ -21,40 +23,76 @@ bounded whatever the queue length.  A failure leaves SGLang's order.
 
 from __future__ import annotations
 
+import bisect
 import itertools
-from typing import Any
+from typing import Any, Sequence
 
 from contextpilot_engine.integration.failopen import logger, report_failure
 from contextpilot_engine.integration.options import PluginOptions
 
 from .config import options_from_server_args, runtime_server_args
 
-__all__ = ["around_calc_priority", "order_window"]
+__all__ = ["around_calc_priority", "order_window", "count_overtakes"]
 
 #: attribute of a Req counting how often younger requests were placed ahead of it
 _OVERTAKEN = "_contextpilot_overtaken"
 #: attribute of a Req numbering it in order of arrival
 _ARRIVAL = "_contextpilot_arrival"
+#: attribute of a SchedulePolicy: its last decision's window, in the order it set
+_LAST_ORDER = "_contextpilot_last_order"
 
 
 def order_window(window: list, prefix_len: list[int], max_overtakes: int) -> list:
-    """The window's requests in admission order; counts one overtake for each request passed over.
+    """The window's requests in admission order: by cached prefix, never past a request's aging bound.
 
+    Longest cached prefix first (ties in order of arrival), except that no
+    request gets more younger requests ahead of it than its bound has left
+    (``max_overtakes`` less the overtakes already counted): once one would,
+    the oldest such request is placed next.  SGLang admits the first requests
+    of the order as a batch, so the bound holds however many it admits.
     Arrival order is the order in which this hook first saw each request
     (SGLang appends arrivals to the queue), so it survives earlier reorders.
     """
+    n = len(window)
     seq = [_arrival(r) for r in window]
-    aged = sorted((i for i, r in enumerate(window) if getattr(r, _OVERTAKEN, 0) >= max_overtakes),
-                  key=seq.__getitem__)
-    is_aged = set(aged)
-    rest = sorted((i for i in range(len(window)) if i not in is_aged), key=lambda i: (-prefix_len[i], seq[i]))
-    order = aged + rest
-    latest = -1
-    for i in order:
-        if latest > seq[i]:  # a request that came later than this one goes before it: overtaken once more
-            setattr(window[i], _OVERTAKEN, getattr(window[i], _OVERTAKEN, 0) + 1)
-        latest = max(latest, seq[i])
+    left = [max_overtakes - getattr(r, _OVERTAKEN, 0) for r in window]
+    preferred = sorted(range(n), key=lambda i: (-prefix_len[i], seq[i]))
+    placed = [False] * n
+    order: list[int] = []
+    cursor = 0
+    for _ in range(n):
+        while placed[preferred[cursor]]:
+            cursor += 1
+        pick = preferred[cursor]
+        due = [i for i in range(n) if not placed[i] and seq[i] < seq[pick] and left[i] <= 0]
+        if due:
+            pick = min(due, key=seq.__getitem__)
+        placed[pick] = True
+        order.append(pick)
+        for i in range(n):
+            if not placed[i] and seq[i] < seq[pick]:
+                left[i] -= 1
     return [window[i] for i in order]
+
+
+def count_overtakes(previous: Sequence[Any], waiting: Sequence[Any]) -> None:
+    """Count the overtakes since the previous decision: younger requests admitted ahead of each one still waiting.
+
+    A decision only orders the queue; SGLang then admits as many of its
+    first requests as fit.  Those that left the queue since (admitted, or
+    aborted) and stood ahead of an older request that is still waiting
+    passed it, once each, which is what the aging bound counts.
+    """
+    still = {id(r) for r in waiting}
+    left: list[int] = []  # arrival numbers of the requests ahead that left, sorted
+    for r in previous:
+        seq = _arrival(r)
+        if id(r) not in still:
+            bisect.insort(left, seq)
+            continue
+        passed = len(left) - bisect.bisect_right(left, seq)
+        if passed:
+            setattr(r, _OVERTAKEN, getattr(r, _OVERTAKEN, 0) + passed)
 
 
 _counter = itertools.count()
@@ -94,10 +132,12 @@ def around_calc_priority(original: Any, self: Any, waiting_queue: list, *args: A
             return result
         from sglang.srt.mem_cache.common import match_kv_cache
 
+        count_overtakes(self.__dict__.get(_LAST_ORDER, ()), waiting_queue)
         n = min(len(waiting_queue), options.scheduling_window)
         window = waiting_queue[:n]
         lengths = [int(match_kv_cache(r, self.tree_cache).device_prefix_len) for r in window]
-        waiting_queue[:n] = order_window(window, lengths, options.max_overtakes)
+        waiting_queue[:n] = ordered = order_window(window, lengths, options.max_overtakes)
+        self.__dict__[_LAST_ORDER] = ordered
     except Exception as exc:  # fail open: SGLang's own order
         report_failure("scheduling_error", exc)
     return result

@@ -69,7 +69,35 @@ def test_aging_bound(cache):
         policy.calc_priority(queue)
         if decision < 2:
             assert queue[0] is not cold
-    assert queue[0] is cold  # passed over twice: it goes first now
+            queue.pop(0)  # SGLang admits the first request
+    assert queue[0] is cold  # two younger requests were admitted ahead of it: it goes first now
+
+
+def test_the_aging_bound_counts_admissions_not_decisions(cache):
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    tree = cache(cache_aware_scheduling=True, scheduling_window=6, max_overtakes=2)
+    policy = SchedulePolicy("fcfs", tree, False, False, False)
+    queue = make_queue(6)
+    cold = queue[0]
+    for _ in range(5):  # decisions that admit nothing (a full batch, chunked prefill) pass nobody
+        policy.calc_priority(queue)
+    assert queue.index(cold) == 2  # by its prefix it would go last; its bound lets two younger ones ahead
+    del queue[:3]  # one decision admits a batch of three: the two ahead of it, and itself
+    assert cold not in queue
+
+
+def test_a_request_at_its_bound_goes_next_after_a_batch_passed_it(cache):
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    tree = cache(cache_aware_scheduling=True, scheduling_window=6, max_overtakes=2)
+    policy = SchedulePolicy("fcfs", tree, False, False, False)
+    queue = make_queue(6)
+    cold = queue[0]
+    policy.calc_priority(queue)
+    del queue[:2]  # a batch admits the two younger requests ahead of it
+    policy.calc_priority(queue)
+    assert queue[0] is cold
 
 
 def test_off_by_default(cache):
