@@ -286,6 +286,17 @@ class Environment:
     record_error: str | None
 
     @property
+    def package_is_ours(self) -> bool:
+        """The installed package is the one ``install`` put there: recorded at this version, and not editable.
+
+        A record alone is not enough: an install that failed at the package
+        step records only the dependencies it added, and the package a user
+        installs afterwards is theirs.
+        """
+        return (self.record is not None and self.package is not None and not self.package.editable
+                and self.record.added.get(_normalize(PACKAGE)) == self.package.version)
+
+    @property
     def package_is_own(self) -> bool:
         """Our package is installed in this environment's own site-packages (not seen through a path)."""
         return _normalize(PACKAGE) in self.packages
@@ -488,7 +499,7 @@ def _engine_verdict(env: Environment, engine: EngineSpec) -> tuple[int, str]:
 def _package_line(env: Environment) -> str:
     if env.package is None:
         return "not installed"
-    if env.record:  # pip's own note names the staged copy, long gone; the record names the real source
+    if env.package_is_ours:  # pip's own note names the staged copy, long gone; the record names the real source
         text = f"{env.package.name} {env.package.version} from {env.record.source}; installed by `contextpilot engine install`"
     else:
         text = f"{env.package.describe()}; not installed by `contextpilot engine install`"
@@ -600,7 +611,7 @@ def _install(env: Environment, engine: EngineSpec, source: Source) -> int:
     if env.record_error:
         _error(f"the install record {env.record_path} is unreadable ({env.record_error}); remove it or fix it")
         return FAILED
-    if env.package is not None and env.record is None:
+    if env.package is not None and not env.package_is_ours:
         # Installed some other way (an editable install, a plain pip install): not ours to replace.
         _say(_row("contextpilot", _package_line(env)))
         if env.package.version != source.version:
@@ -627,7 +638,7 @@ def _install(env: Environment, engine: EngineSpec, source: Source) -> int:
             staged = Path(tmp) / "src"
             digest = stage_source(source.path, staged)
             target = str(staged)
-        if env.record and env.package is not None and env.record.digest == digest:
+        if env.package_is_ours and env.record is not None and env.record.digest == digest:
             _say(_row("contextpilot", _package_line(env)), "already installed from the same source; nothing changed")
             return OK
 
@@ -669,13 +680,17 @@ def _uninstall(env: Environment, engine: EngineSpec) -> int:
     if env.record_error:
         _error(f"the install record {env.record_path} is unreadable ({env.record_error}); nothing removed")
         return FAILED
-    if env.record is None:
-        if env.package is None:
-            _say(f"{PACKAGE} is not installed there; nothing to do")
-            return OK
+    if env.record is None and env.package is None:
+        _say(f"{PACKAGE} is not installed there; nothing to do")
+        return OK
+    if env.package is not None and not env.package_is_ours:
+        # someone else's install, which may need the dependencies a failed install of ours added: keep all
         _say(_row("contextpilot", _package_line(env)))
         _error(f"{PACKAGE} was not installed by `contextpilot engine install`; left as is "
                f"(remove it with `{env.python} -m pip uninstall {PACKAGE}`)")
+        return FAILED
+    if not env.writable or not os.access(os.path.dirname(env.python), os.W_OK):
+        _error(f"{env.site[0]} or {os.path.dirname(env.python)} is not writable; run as the environment's owner")
         return FAILED
     # Ours first, so the plugin is gone even if a dependency cannot be removed.
     ours = _normalize(PACKAGE)

