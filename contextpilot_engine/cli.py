@@ -20,6 +20,10 @@ SUBCOMMANDS = {
 }
 
 
+#: subcommand -> the package extra that brings its optional dependencies
+EXTRAS = {"serve": "proxy", "bench": "bench"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
@@ -31,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if wanted == [name]:
-            mod = importlib.import_module(module)
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as exc:  # an optional dependency of this subcommand is missing
+                extra = EXTRAS.get(name)
+                how = f"; install it with: pip install 'contextpilot-engine[{extra}]'" if extra else ""
+                print(f"contextpilot {name}: needs {exc.name or exc}, which is not installed{how}", file=sys.stderr)
+                return 1
             mod.add_arguments(p)
             modules[name] = mod
     args = parser.parse_args(argv)

@@ -30,15 +30,17 @@ from __future__ import annotations
 import argparse
 import time
 
+from .arg_types import int_at_least
+
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--requests", type=int, default=60, help="RAG requests (default 60)")
-    parser.add_argument("--top-k", type=int, default=8, help="blocks per request (default 8)")
-    parser.add_argument("--chunks", type=int, default=40, help="distinct chunks in the corpus (default 40)")
+    parser.add_argument("--requests", type=int_at_least(1), default=60, help="RAG requests (default 60)")
+    parser.add_argument("--top-k", type=int_at_least(1), default=8, help="blocks per request (default 8)")
+    parser.add_argument("--chunks", type=int_at_least(2), default=40, help="distinct chunks in the corpus (default 40)")
     parser.add_argument("--model", choices=("tiny", "small"), default="tiny", help="local model size")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument(
         "--mode",
         choices=("all", "library", "plugin"),

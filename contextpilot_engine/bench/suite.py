@@ -29,6 +29,8 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from ..arg_types import existing_file, int_at_least, int_list, share
+
 if TYPE_CHECKING:
     from .workloads import Workload
 
@@ -36,10 +38,6 @@ __all__ = ["add_arguments", "run", "main"]
 
 #: positions of the local tiny/small models (max_position_embeddings)
 MODEL_POSITIONS = 4096
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,23 +49,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma list from {','.join([*WORKLOADS, *REAL_WORKLOADS])}, or 'synthetic', 'real' "
                         "(default: all, the real-corpus ones where they can be built)")
     p.add_argument("--no-real", action="store_true", help="skip the real-corpus workloads")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int_at_least(0), default=1)
     p.add_argument("--no-engine", action="store_true", help="skip the real vLLM replay")
     p.add_argument("--no-reference", action="store_true", help="skip the reference ContextPilot")
     p.add_argument("--no-overhead", action="store_true", help="skip the overhead measurements")
     p.add_argument("--engine-workloads", default=None,
                    help="synthetic workloads replayed on the engine (default: all synthetic ones run)")
     p.add_argument("--engine-model", default="tiny", choices=("tiny", "small"))
-    p.add_argument("--engine-block-size", type=int, default=32, help="vLLM CPU needs a multiple of 32")
-    p.add_argument("--sizes", type=_ints, default=None, help="optimize_batch sizes (default 1000,10000,100000)")
-    p.add_argument("--ref-sizes", type=_ints, default=None, help="reference batch sizes (default 1000,2000,4000)")
-    p.add_argument("--online-sizes", type=_ints, default=None, help="requests indexed (default 10000,100000,1000000)")
-    p.add_argument("--online-window", type=int, default=None, help="requests timed after each size (default 2000)")
-    p.add_argument("--pages", type=_ints, default=[1, 16, 32], help="page sizes simulated (16, the headline, is always included)")
-    p.add_argument("--capacity", type=float, default=0.25, help="small cache, as a share of unique tokens")
-    p.add_argument("--subbatches", type=int, default=None, help="sub-batches solved exactly (default 20, smoke 3)")
-    p.add_argument("--subbatch-size", type=int, default=8)
-    p.add_argument("--trace", action="append", default=[], metavar="FILE.jsonl",
+    p.add_argument("--engine-block-size", type=int_at_least(1), default=32, help="vLLM CPU needs a multiple of 32")
+    p.add_argument("--sizes", type=int_list(1), default=None, help="optimize_batch sizes (default 1000,10000,100000)")
+    p.add_argument("--ref-sizes", type=int_list(1), default=None, help="reference batch sizes (default 1000,2000,4000)")
+    p.add_argument("--online-sizes", type=int_list(1), default=None, help="requests indexed (default 10000,100000,1000000)")
+    p.add_argument("--online-window", type=int_at_least(1), default=None, help="requests timed after each size (default 2000)")
+    p.add_argument("--pages", type=int_list(1), default=[1, 16, 32], help="page sizes simulated (16, the headline, is always included)")
+    p.add_argument("--capacity", type=share, default=0.25, help="small cache, as a share of unique tokens")
+    p.add_argument("--subbatches", type=int_at_least(0), default=None, help="sub-batches solved exactly (default 20, smoke 3)")
+    p.add_argument("--subbatch-size", type=int_at_least(1), default=8)
+    p.add_argument("--trace", action="append", type=existing_file, default=[], metavar="FILE.jsonl",
                    help="also run a {query, contexts} JSONL trace (repeatable)")
     p.add_argument("--export-traces", action="store_true",
                    help="write each workload as requests JSONL and Mooncake traces (retrieval and ours offline)")

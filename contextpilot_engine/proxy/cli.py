@@ -14,6 +14,7 @@ import asyncio
 import logging
 import sys
 
+from contextpilot_engine.arg_types import int_at_least, port, positive_float
 from contextpilot_engine.integration.options import OptionError, add_flags, options_from_namespace
 
 __all__ = ["add_arguments", "run", "config_from_args"]
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", required=True, metavar="URL",
                         help="the OpenAI-compatible engine, e.g. http://127.0.0.1:8000")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+    parser.add_argument("--port", type=port, default=8765, help="port to listen on (default 8765)")
     parser.add_argument("--kv-events", metavar="ENDPOINT",
                         help="the engine's KV-event publisher, e.g. tcp://127.0.0.1:5557 (off: a modelled cache)")
     parser.add_argument("--kv-events-replay", metavar="ENDPOINT",
@@ -47,26 +48,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-events-bind", action="store_true",
                         help="bind --kv-events here: the engine's endpoint names a host, so the engine connects")
     parser.add_argument("--kv-events-topic", default="", help="KV-event topic (default: all)")
-    parser.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+    parser.add_argument("--data-parallel-size", type=int_at_least(1), default=1, metavar="N",
                         help="the engine's data-parallel size (vLLM --data-parallel-size, SGLang --dp-size): "
                              "subscribe to each rank's KV events (the --kv-events and --kv-events-replay ports plus "
                              "the rank) and pin each request to the rank it was planned for (vLLM's "
                              "X-data-parallel-rank header, SGLang's routed_dp_rank field) (default 1)")
-    parser.add_argument("--block-size", type=int, metavar="N",
+    parser.add_argument("--block-size", type=int_at_least(1), metavar="N",
                         help="the engine's block size (page size); default: read from the engine, checked if given")
     parser.add_argument("--model-path", metavar="DIR",
                         help="the model's tokenizer (default: the path the backend reports, if it exists here)")
     parser.add_argument("--tokenizer", choices=("auto", "local", "backend", "none"), default="auto",
                         help="how served prompts are tokenized: the local tokenizer, the backend's /tokenize, or "
                              "not at all (prompts unbound) (default: auto)")
-    parser.add_argument("--backend-timeout", type=float, default=600.0, metavar="S",
+    parser.add_argument("--backend-timeout", type=positive_float, default=600.0, metavar="S",
                         help="seconds the backend may stay silent before a 504 (default 600)")
-    parser.add_argument("--backend-connect-timeout", type=float, default=5.0, metavar="S",
+    parser.add_argument("--backend-connect-timeout", type=positive_float, default=5.0, metavar="S",
                         help="seconds to connect to the backend before a 504 (default 5)")
-    parser.add_argument("--settle-ms", type=float, default=10.0,
+    parser.add_argument("--settle-ms", type=positive_float, default=10.0,
                         help="quiet time of the KV-event stream awaited after a response before planning the next "
                              "request, when nothing else is in flight (default 10)")
-    parser.add_argument("--settle-max-ms", type=float, default=100.0,
+    parser.add_argument("--settle-max-ms", type=positive_float, default=100.0,
                         help="longest wait for the stream to go quiet (default 100)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_flags(parser, "proxy")
