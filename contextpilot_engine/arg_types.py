@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import Callable
 
-__all__ = ["int_at_least", "positive_float", "port", "share", "existing_file", "int_list"]
+__all__ = ["int_at_least", "positive_float", "non_negative_float", "port", "share", "existing_file", "int_list"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -38,6 +38,16 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 

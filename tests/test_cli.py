@@ -32,3 +32,4 @@ def test_the_types_accept_what_they_should():
     assert arg_types.int_at_least(1)("100_000") == 100_000
     assert arg_types.int_list(1)("1, 16,32") == [1, 16, 32]
     assert arg_types.share("0.25") == 0.25 and arg_types.port("0") == 0
+    assert arg_types.non_negative_float("0") == 0.0  # --settle-ms 0: do not wait for the event stream

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 
-from contextpilot_engine.arg_types import int_at_least, port, positive_float
+from contextpilot_engine.arg_types import int_at_least, non_negative_float, port, positive_float
 from contextpilot_engine.integration.options import OptionError, add_flags, options_from_namespace
 
 __all__ = ["add_arguments", "run", "config_from_args"]
@@ -64,10 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds the backend may stay silent before a 504 (default 600)")
     parser.add_argument("--backend-connect-timeout", type=positive_float, default=5.0, metavar="S",
                         help="seconds to connect to the backend before a 504 (default 5)")
-    parser.add_argument("--settle-ms", type=positive_float, default=10.0,
+    parser.add_argument("--settle-ms", type=non_negative_float, default=10.0,
                         help="quiet time of the KV-event stream awaited after a response before planning the next "
                              "request, when nothing else is in flight (default 10)")
-    parser.add_argument("--settle-max-ms", type=positive_float, default=100.0,
+    parser.add_argument("--settle-max-ms", type=non_negative_float, default=100.0,
                         help="longest wait for the stream to go quiet (default 100)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_flags(parser, "proxy")
