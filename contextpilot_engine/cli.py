@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         if wanted == [name]:
             try:
                 mod = importlib.import_module(module)
-            except ImportError as exc:  # an optional dependency of this subcommand is missing
+            except ModuleNotFoundError as exc:  # an optional dependency of this subcommand is missing
+                if (exc.name or "").split(".")[0] == "contextpilot_engine":
+                    raise  # our own module: a broken install, not a missing extra
                 extra = EXTRAS.get(name)
                 how = f"; install it with: pip install 'contextpilot-engine[{extra}]'" if extra else ""
                 print(f"contextpilot {name}: needs {exc.name or exc}, which is not installed{how}", file=sys.stderr)

@@ -64,9 +64,9 @@ def foreign_code(root: str, *more: str) -> str | None:
     """
     import importlib
 
-    root = os.path.abspath(root)
+    root = os.path.realpath(root)  # the editable finder stores resolved paths
     for name in ("contextpilot_engine", "contextpilot_engine.kernels", *more):
-        where = os.path.abspath(getattr(importlib.import_module(name), "__file__", None) or "")
+        where = os.path.realpath(getattr(importlib.import_module(name), "__file__", None) or "")
         if not where.startswith(root + os.sep):
             return (f"{name} is imported from {where}, not from this checkout ({root}); run this checkout's "
                     "scripts/setup_env.sh (or the engine's setup script) first")

@@ -105,10 +105,10 @@ class CacheMirror:
         take = type(cache).take_events
         events = list(getattr(take, "__wrapped__", take)(cache) or ())
         if events:
+            if self.keep_events:  # first: the user's publisher gets them even if mirroring fails
+                self.pending.extend(events)
             if self.mirror.enabled:
                 self.apply(events)
-            if self.keep_events:
-                self.pending.extend(events)
 
 
 _said: set[str] = set()

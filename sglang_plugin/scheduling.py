@@ -14,8 +14,11 @@ then reorders its first ``scheduling_window`` requests, at any queue length:
   admitted ahead of it, counted at each decision from the requests that
   left the queue since the previous one, see :func:`count_overtakes`).
 
-With SGLang's ``--enable-priority-scheduling`` the hook leaves the queue as
-SGLang ordered it: reordering across priorities is not ours to do.
+It needs SGLang's ``fcfs`` policy without ``--enable-priority-scheduling``
+and otherwise leaves the queue as SGLang ordered it: other policies sort
+the whole queue first, so an old request can sit past the window where the
+aging bound cannot reach it, and reordering across priorities is not ours
+to do.
 
 Only the window is matched against the tree, so the cost of a decision is
 bounded whatever the queue length.  A failure leaves SGLang's order.
@@ -38,8 +41,10 @@ __all__ = ["around_calc_priority", "order_window", "count_overtakes"]
 _OVERTAKEN = "_contextpilot_overtaken"
 #: attribute of a Req numbering it in order of arrival
 _ARRIVAL = "_contextpilot_arrival"
-#: attribute of a SchedulePolicy: its last decision's window, in the order it set
+#: attribute of a SchedulePolicy: its last decision's window, in the order it set (as :func:`_key` s)
 _LAST_ORDER = "_contextpilot_last_order"
+#: attribute of a Req: the retraction count its overtakes were counted under
+_RETRACTIONS = "_contextpilot_retractions"
 
 
 def order_window(window: list, prefix_len: list[int], max_overtakes: int) -> list:
@@ -75,24 +80,38 @@ def order_window(window: list, prefix_len: list[int], max_overtakes: int) -> lis
     return [window[i] for i in order]
 
 
-def count_overtakes(previous: Sequence[Any], waiting: Sequence[Any]) -> None:
+def count_overtakes(previous: Sequence[tuple[int, int]], waiting: Sequence[Any]) -> None:
     """Count the overtakes since the previous decision: younger requests admitted ahead of each one still waiting.
 
     A decision only orders the queue; SGLang then admits as many of its
     first requests as fit.  Those that left the queue since (admitted, or
     aborted) and stood ahead of an older request that is still waiting
     passed it, once each, which is what the aging bound counts.
+    ``previous`` is the last decision's window as :func:`_key` s.  A
+    request that was admitted and then retracted (put back) counts as having
+    left, and starts again with no overtakes.
     """
-    still = {id(r) for r in waiting}
+    by_key = {}
+    for r in waiting:
+        key = _key(r)
+        by_key[key] = r
+        if getattr(r, _RETRACTIONS, 0) != key[1]:  # back in the queue after it was admitted: a new wait
+            setattr(r, _RETRACTIONS, key[1])
+            setattr(r, _OVERTAKEN, 0)
     left: list[int] = []  # arrival numbers of the requests ahead that left, sorted
-    for r in previous:
-        seq = _arrival(r)
-        if id(r) not in still:
-            bisect.insort(left, seq)
+    for key in previous:
+        r = by_key.get(key)
+        if r is None:
+            bisect.insort(left, key[0])
             continue
-        passed = len(left) - bisect.bisect_right(left, seq)
+        passed = len(left) - bisect.bisect_right(left, key[0])
         if passed:
             setattr(r, _OVERTAKEN, getattr(r, _OVERTAKEN, 0) + passed)
+
+
+def _key(request: Any) -> tuple[int, int]:
+    """A request's place in the queue's history: its arrival number and how often it was retracted."""
+    return _arrival(request), int(getattr(request, "retraction_count", 0) or 0)
 
 
 _counter = itertools.count()
@@ -124,11 +143,15 @@ def around_calc_priority(original: Any, self: Any, waiting_queue: list, *args: A
         options = _options()
         if options is None or not options.cache_aware_scheduling or len(waiting_queue) < 2:
             return result
-        if getattr(self, "enable_priority_scheduling", False):  # the user's priorities come first: not ours to undo
-            if not _warned:
-                _warned.append(True)
-                logger.warning("contextpilot: --enable-priority-scheduling is on; cache-aware scheduling is off "
-                               "(it would reorder requests across priorities)")
+        policy = getattr(getattr(self, "policy", None), "name", None)
+        if policy != "FCFS" or getattr(self, "enable_priority_scheduling", False):
+            # another policy sorts the whole queue first (so an old request may sit past the window, where the
+            # aging bound cannot reach it), and the user's priorities are not ours to undo
+            why = "--enable-priority-scheduling is on" if policy == "FCFS" else f"--schedule-policy is {policy}"
+            if why not in _warned:
+                _warned.append(why)
+                logger.warning("contextpilot: %s; cache-aware scheduling needs fcfs without priorities and is off",
+                               why)
             return result
         from sglang.srt.mem_cache.common import match_kv_cache
 
@@ -137,7 +160,7 @@ def around_calc_priority(original: Any, self: Any, waiting_queue: list, *args: A
         window = waiting_queue[:n]
         lengths = [int(match_kv_cache(r, self.tree_cache).device_prefix_len) for r in window]
         waiting_queue[:n] = ordered = order_window(window, lengths, options.max_overtakes)
-        self.__dict__[_LAST_ORDER] = ordered
+        self.__dict__[_LAST_ORDER] = [_key(r) for r in ordered]  # numbers only: no finished request kept alive
     except Exception as exc:  # fail open: SGLang's own order
         report_failure("scheduling_error", exc)
     return result

@@ -105,3 +105,21 @@ def test_a_request_vllm_pops_and_puts_back_keeps_its_aging(vllm_ready):
         passed += 1
     assert passed == 2  # overtaken exactly max_overtakes times, skip or not
     assert queue.forced == 1 and queue.reordered == 2
+
+
+def test_a_preempted_request_stays_admitted_for_the_aging_bound(vllm_ready):
+    """vLLM prepends a preempted running request alone: that admission passed the older ones, and still counts."""
+    from types import SimpleNamespace
+
+    from contextpilot_engine.vllm_plugin.scheduling import make_cache_aware_queue
+
+    class Pool:  # stand-in for the block pool, as in the test above
+        def get_cached_block(self, block_hash, groups):
+            return object() if block_hash == "warm" else None
+
+    cold = SimpleNamespace(request_id="cold", block_hashes=["x"])
+    warm = [SimpleNamespace(request_id=f"warm{i}", block_hashes=["warm"]) for i in range(4)]
+    queue = make_cache_aware_queue(Pool(), window=32, max_overtakes=2, items=[cold] + warm)
+    admitted = [queue.pop_request(), queue.pop_request()]  # two younger requests pass the cold one
+    queue.prepend_request(admitted[1])  # one of them is preempted later and waits again
+    assert queue.peek_request() is cold  # the cold one was passed twice: its turn

@@ -58,13 +58,17 @@ def test_sglang_lpm_gives_up_above_128_waiting_but_ours_does_not(cache):
     assert [r.rid for r in ours[12:]] == [f"r{i}" for i in range(12, 130)]  # beyond the window: untouched
 
 
-def test_aging_bound(cache):
+def fcfs_with_aging(cache, max_overtakes: int):
+    """SGLang's FCFS policy with cache-aware scheduling, six waiting requests, and the cold one (nothing cached)."""
     from sglang.srt.managers.schedule_policy import SchedulePolicy
 
-    tree = cache(cache_aware_scheduling=True, scheduling_window=6, max_overtakes=2)
-    policy = SchedulePolicy("fcfs", tree, False, False, False)
+    tree = cache(cache_aware_scheduling=True, scheduling_window=6, max_overtakes=max_overtakes)
     queue = make_queue(6)
-    cold = queue[0]  # nothing of r0 is cached: it is passed over
+    return SchedulePolicy("fcfs", tree, False, False, False), queue, queue[0]
+
+
+def test_aging_bound(cache):
+    policy, queue, cold = fcfs_with_aging(cache, max_overtakes=2)
     for decision in range(3):
         policy.calc_priority(queue)
         if decision < 2:
@@ -74,12 +78,7 @@ def test_aging_bound(cache):
 
 
 def test_the_aging_bound_counts_admissions_not_decisions(cache):
-    from sglang.srt.managers.schedule_policy import SchedulePolicy
-
-    tree = cache(cache_aware_scheduling=True, scheduling_window=6, max_overtakes=2)
-    policy = SchedulePolicy("fcfs", tree, False, False, False)
-    queue = make_queue(6)
-    cold = queue[0]
+    policy, queue, cold = fcfs_with_aging(cache, max_overtakes=2)
     for _ in range(5):  # decisions that admit nothing (a full batch, chunked prefill) pass nobody
         policy.calc_priority(queue)
     assert queue.index(cold) == 2  # by its prefix it would go last; its bound lets two younger ones ahead
@@ -88,12 +87,7 @@ def test_the_aging_bound_counts_admissions_not_decisions(cache):
 
 
 def test_a_request_at_its_bound_goes_next_after_a_batch_passed_it(cache):
-    from sglang.srt.managers.schedule_policy import SchedulePolicy
-
-    tree = cache(cache_aware_scheduling=True, scheduling_window=6, max_overtakes=2)
-    policy = SchedulePolicy("fcfs", tree, False, False, False)
-    queue = make_queue(6)
-    cold = queue[0]
+    policy, queue, cold = fcfs_with_aging(cache, max_overtakes=2)
     policy.calc_priority(queue)
     del queue[:2]  # a batch admits the two younger requests ahead of it
     policy.calc_priority(queue)
@@ -122,3 +116,22 @@ def test_priority_scheduling_keeps_sglang_order(cache):
         r.time_stats.wait_queue_entry_time = time.monotonic()
     SchedulePolicy("fcfs", tree, False, True, True).calc_priority(queue)  # priority scheduling, low values first
     assert [r.priority for r in queue] == [0, 0, 10, 10]
+
+
+def test_a_retracted_request_counts_as_admitted_and_waits_afresh(cache):
+    policy, queue, cold = fcfs_with_aging(cache, max_overtakes=1)
+    policy.calc_priority(queue)
+    ahead = queue[0]
+    assert ahead is not cold
+    ahead.retraction_count += 1  # admitted, then retracted before the next decision: back in the queue
+    policy.calc_priority(queue)
+    assert queue[0] is cold  # that admission passed it, which is its whole bound
+
+
+def test_another_policy_is_left_as_sglang_ordered_it(cache):
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    tree = cache(cache_aware_scheduling=True, scheduling_window=6)
+    queue = make_queue(6)
+    SchedulePolicy("lof", tree, False, False, False).calc_priority(queue)  # longest output first: all equal
+    assert [r.rid for r in queue] == [f"r{i}" for i in range(6)]  # SGLang's order, not ours by cached prefix

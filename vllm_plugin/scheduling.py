@@ -14,8 +14,10 @@ older ones, each of those older requests is *overtaken* once; a request that
 has been overtaken ``max_overtakes`` times goes next, whatever its cache hit.
 So a cold request waits for at most ``max_overtakes`` extra admissions.
 A request vLLM pops and puts back in the same step (it could not be
-scheduled: LoRA slots full, waiting for its grammar or remote KV) was not
-admitted: the pop's counts are undone.
+scheduled: LoRA slots full, waiting for its grammar or remote KV; vLLM
+prepends those together at the end of the step) was not admitted: the
+pop's counts are undone.  A preempted running request, prepended alone,
+was admitted: nothing is undone.
 
 The queue is an :class:`vllm.v1.core.sched.request_queue.FCFSRequestQueue`
 subclass, so every other use of the deque by the scheduler keeps working;
@@ -146,16 +148,16 @@ def make_cache_aware_queue(pool: Any, window: int, max_overtakes: int, group_id:
             self._peeked = None
             super().add_request(request)
 
-        def prepend_request(self, request) -> None:
+        def prepend_request(self, request) -> None:  # a preempted running request: it was admitted, and stays so
             self._peeked = None
-            self._put_back(request)
             super().prepend_request(request)
 
-        def prepend_requests(self, requests) -> None:
+        def prepend_requests(self, requests) -> None:  # the requests a step popped but skipped
             self._peeked = None
             requests = list(requests)
             for r in requests:
                 self._put_back(r)
+            self._popped.clear()  # the step's other pops were admissions
             super().prepend_requests(requests)
 
         def remove_request(self, request) -> None:
