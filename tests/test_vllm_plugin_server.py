@@ -150,6 +150,29 @@ def test_tenants_never_share_kv_pages(server):
     assert a2.model_extra["contextpilot"]["expected_cached_tokens"] <= a2.usage.prompt_tokens_details.cached_tokens
 
 
+def test_completions_get_the_tenant_namespace_and_refuse_a_forged_salt(server):
+    import openai
+
+    client = server.client()
+    prompt = "Completion tenant prompt: " + " ".join(f"c{j}" for j in range(200))
+
+    def complete(tenant, **body):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0.0,
+                                         extra_headers={"X-ContextPilot-Tenant": tenant}, extra_body=body or None)
+
+    first = complete("tenant-c")
+    other = complete("tenant-d")
+    again = complete("tenant-c")
+    assert first.usage.prompt_tokens > 4 * 32
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # the same prompt, another tenant: no hit
+    assert again.usage.prompt_tokens_details.cached_tokens > 3 * 32  # the same tenant reuses its pages
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=1,
+                                  extra_body={"cache_salt": "contextpilot-tenant=tenant-c"})
+    with pytest.raises(openai.BadRequestError, match="contextpilot.contexts"):
+        complete("tenant-c", contextpilot={"contexts": ["a"]})
+
+
 def test_disabled_request_sends_the_contexts_as_given(server):
     client = server.client()
     docs = [DOCS[4], DOCS[1], DOCS[3]]

@@ -23,6 +23,9 @@ is configured in it; inert for engines without the plugin):
   to the renderer hook through a context variable, and adds a
   ``contextpilot`` field (what was done) to the response JSON (to the first
   chunk when streaming).  vLLM's ``usage`` is not touched.
+* ``vllm.entrypoints.openai.completion.serving.OpenAIServingCompletion.create_completion``:
+  raw prompts are sent as given; a tenant named by the same field or headers
+  gets its cache salt, and a client salt may not spell a tenant's.
 """
 
 from __future__ import annotations
@@ -227,17 +230,31 @@ def _lora_name(serving: Any, request: Any) -> str | None:
     return getattr(lora, "lora_name", None)
 
 
+def _serving_state(serving: Any) -> EngineState | None:
+    """The plugin state of the engine an OpenAI serving object serves (None: the plugin is off for it)."""
+    renderer = getattr(serving, "renderer", None)
+    return call_safely("setup_error", state_for_renderer, renderer) if renderer is not None else None
+
+
+def _request_spec(state: EngineState, request: Any, raw_request: Any) -> RequestSpec | None:
+    """The request's ``contextpilot`` field and headers, and its cache salt, checked.
+
+    Raises :class:`ContextPilotRequestError` for the client's mistake.
+    """
+    extra = getattr(request, "model_extra", None) or {}
+    spec = spec_from_http(extra.get("contextpilot"), getattr(raw_request, "headers", None),
+                          state.options.pilot.max_blocks_per_context)
+    rewriting.check_client_salt(state, getattr(request, "cache_salt", None))
+    return spec
+
+
 def _wrap_create_chat_completion(orig):
     async def create_chat_completion(self, request, raw_request=None):
-        renderer = getattr(self, "renderer", None)
-        state = call_safely("setup_error", state_for_renderer, renderer) if renderer is not None else None
+        state = _serving_state(self)
         if state is None:
             return await orig(self, request, raw_request)
         try:
-            extra = getattr(request, "model_extra", None) or {}
-            headers = getattr(raw_request, "headers", None)
-            spec = spec_from_http(extra.get("contextpilot"), headers, state.options.pilot.max_blocks_per_context)
-            rewriting.check_client_salt(state, getattr(request, "cache_salt", None))
+            spec = _request_spec(state, request, raw_request)
         except ContextPilotRequestError as exc:
             return self.create_error_response(str(exc), param="contextpilot")
         except Exception as exc:  # fail open: serve it as sent
@@ -272,6 +289,37 @@ def _wrap_create_chat_completion(orig):
     return create_chat_completion
 
 
+def _wrap_create_completion(orig):
+    """``/v1/completions``: raw prompts are sent as given, but a tenant still gets its KV namespace.
+
+    The same request fields and headers as chat: a tenant named by them has
+    its cache salt set, a client salt may not spell a tenant's, and
+    ``contexts`` is a 400 (blocks are rewritten in chat requests only).
+    """
+
+    async def create_completion(self, request, raw_request=None):
+        state = _serving_state(self)
+        if state is None:
+            return await orig(self, request, raw_request)
+        try:
+            spec = _request_spec(state, request, raw_request)
+            client_salt = getattr(request, "cache_salt", None)
+            if spec is not None and spec.contexts is not None:
+                raise ContextPilotRequestError(
+                    "contextpilot.contexts: context blocks are rewritten in /v1/chat/completions requests only; "
+                    "/v1/completions sends its prompt as given")
+            salt = rewriting.tenant_cache_salt(state, spec.tenant if spec is not None else None, client_salt)
+            if salt != client_salt:
+                request.cache_salt = salt
+        except ContextPilotRequestError as exc:
+            return self.create_error_response(str(exc), param="contextpilot")
+        except Exception as exc:  # fail open: serve it as sent
+            report_failure("setup_error", exc)
+        return await orig(self, request, raw_request)
+
+    return create_completion
+
+
 # ---------------------------------------------------------------------- installation
 @once
 def install_frontend_hooks() -> bool:
@@ -285,4 +333,10 @@ def install_frontend_hooks() -> bool:
         logger.info("contextpilot: OpenAI chat serving not importable (%s); server hooks skipped", exc)
     else:
         patch(OpenAIServingChat, "create_chat_completion", _wrap_create_chat_completion)
+    try:
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    except Exception as exc:
+        logger.info("contextpilot: OpenAI completion serving not importable (%s); its hook skipped", exc)
+    else:
+        patch(OpenAIServingCompletion, "create_completion", _wrap_create_completion)
     return ok

@@ -46,6 +46,8 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
               ("self", "conversations", "chat_params", "tok_params")),
     HookPoint("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat", "create_chat_completion",
               ("self", "request", "raw_request"), prefix_only=False),
+    HookPoint("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion", "create_completion",
+              ("self", "request", "raw_request"), prefix_only=False, optional=True),
 )
 
 
