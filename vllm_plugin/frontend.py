@@ -302,13 +302,8 @@ def _wrap_create_completion(orig):
         if state is None:
             return await orig(self, request, raw_request)
         try:
-            spec = _request_spec(state, request, raw_request)
             client_salt = getattr(request, "cache_salt", None)
-            if spec is not None and spec.contexts is not None:
-                raise ContextPilotRequestError(
-                    "contextpilot.contexts: context blocks are rewritten in /v1/chat/completions requests only; "
-                    "/v1/completions sends its prompt as given")
-            salt = rewriting.tenant_cache_salt(state, spec.tenant if spec is not None else None, client_salt)
+            salt = rewriting.completion_salt(state, _request_spec(state, request, raw_request), client_salt)
             if salt != client_salt:
                 request.cache_salt = salt
         except ContextPilotRequestError as exc:

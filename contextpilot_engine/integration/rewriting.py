@@ -42,7 +42,7 @@ from .requests import ContextPilotRequestError, RequestSpec
 from .state import EngineState
 
 __all__ = ["Arrival", "Prepared", "ServedTokens", "prepare", "prepare_group", "finish", "rejected", "as_sent",
-           "failed_open", "tenant_cache_salt", "check_client_salt", "TENANT_MARK"]
+           "failed_open", "tenant_cache_salt", "check_client_salt", "completion_salt", "TENANT_MARK"]
 
 
 @dataclass
@@ -104,6 +104,19 @@ def tenant_cache_salt(state: EngineState, tenant: str | None, client_salt: Any) 
         return client_salt
     mark = f"{TENANT_MARK}{tenant}"
     return f"{client_salt}|{mark}" if client_salt else mark
+
+
+def completion_salt(state: EngineState, spec: RequestSpec | None, client_salt: Any) -> Any:
+    """The cache salt of a raw-prompt request (``/v1/completions``): sent as given, but salted by its tenant.
+
+    Context blocks are rewritten in chat requests only, so ``contexts``
+    there is the client's error (:class:`ContextPilotRequestError`).
+    """
+    if spec is not None and spec.contexts is not None:
+        raise ContextPilotRequestError(
+            "contextpilot.contexts: context blocks are rewritten in /v1/chat/completions requests only; "
+            "/v1/completions sends its prompt as given")
+    return tenant_cache_salt(state, spec.tenant if spec is not None else None, client_salt)
 
 
 def _record(state: EngineState, sink: list | None, report: dict) -> None:

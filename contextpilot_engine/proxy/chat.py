@@ -291,15 +291,8 @@ class ChatPath:
         try:
             clock, body, state, spec = await self._accept(request)
             with clock:
-                if spec is not None and spec.contexts is not None:
-                    raise ContextPilotRequestError(
-                        "contextpilot.contexts: context blocks are rewritten in /v1/chat/completions requests only; "
-                        "/v1/completions sends its prompt as given")
-                planned = _Planned(body)
-                if spec is not None and spec.tenant is not None:
-                    salt = rewriting.tenant_cache_salt(state, spec.tenant, body.get("cache_salt"))
-                    if salt is not None:
-                        planned.body = dict(body, cache_salt=salt)
+                salt = rewriting.completion_salt(state, spec, body.get("cache_salt"))
+                planned = _Planned(body if salt == body.get("cache_salt") else dict(body, cache_salt=salt))
         except (_Json, ContextPilotRequestError) as exc:
             return self._rejected(exc, "completions")
         return await self._send("/v1/completions", "completions", planned, request, clock)
