@@ -44,8 +44,12 @@ def _padded(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray) -> np.ndar
 
 def lexicographic_order(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray) -> np.ndarray:
     """Context indices sorted by their item sequence (a proper prefix first, stable on ties)."""
+    return _lexicographic(lengths, starts, seq, _padded(lengths, starts, seq))
+
+
+def _lexicographic(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray, mat: np.ndarray | None) -> np.ndarray:
+    """:func:`lexicographic_order` from the padded matrix already built (None: too large to build)."""
     n = len(lengths)
-    mat = _padded(lengths, starts, seq)
     if mat is None:
         rows = [tuple(seq[starts[c] : starts[c + 1]].tolist()) for c in range(n)]
         return np.asarray(sorted(range(n), key=lambda c: (rows[c], c)), dtype=np.int64)
@@ -68,7 +72,7 @@ def arrival_dfs_order(lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray) 
     mat = _padded(lengths, starts, seq)
     if mat is None:
         return _arrival_dfs_by_tree(lengths, starts, seq)
-    lex = lexicographic_order(lengths, starts, seq)
+    lex = _lexicographic(lengths, starts, seq, mat)
     rows = mat[lex]
     width = rows.shape[1]
     # new_group[r, d]: row r starts a new group of identical prefixes [0..d]
@@ -116,10 +120,10 @@ def prefix_reuse(
     lengths: np.ndarray, starts: np.ndarray, seq: np.ndarray, weights: np.ndarray
 ) -> tuple[int, np.ndarray]:
     """Tokens a prefix tree of all sequences saves (infinite cache), and the lexicographic order."""
-    order = lexicographic_order(lengths, starts, seq)
+    mat = _padded(lengths, starts, seq)
+    order = _lexicographic(lengths, starts, seq, mat)
     if len(order) < 2:
         return 0, order
-    mat = _padded(lengths, starts, seq)
     if mat is None:
         total = 0
         prev: list[int] = []
