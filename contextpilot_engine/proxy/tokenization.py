@@ -176,14 +176,12 @@ class LineTokenCache:
                     cache[line] = ids
                     self.nbytes += size
         out: list[int] = []
-        for line in lines:
+        for line in lines:  # nothing is dropped before the loop ends: each line is cached, or fresh
             ids = cache.get(line)
             if ids is not None:
                 cache.move_to_end(line)
-            else:  # too large to keep, or dropped meanwhile by the bound
-                ids = fresh.get(line)
-                if ids is None:
-                    ids = self.whole(line)
+            else:  # too large to keep
+                ids = fresh[line]
             out.extend(ids)
         while cache and (len(cache) > self.max_entries or self.nbytes > self.max_bytes):
             line, ids = cache.popitem(last=False)

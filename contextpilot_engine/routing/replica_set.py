@@ -155,26 +155,23 @@ class ReplicaSet:
         with self._lock:
             closing, self._closing = self._closing, []
             todo = [(r, e) for r, e in self._members.items()
-                    if e is not None and r not in self._caches and not self._recently_failed(r)]
+                    if e is not None and r not in self._caches and not self.cannot_open(r)]
         for cache in closing:
             await self._close(cache)
         if todo:
             await asyncio.gather(*(self.ensure(r, e) for r, e in todo))
 
-    def _recently_failed(self, replica: str) -> bool:
-        failed = self._open_failed.get(replica)
-        return failed is not None and time.monotonic() - failed < 5.0
-
     def cannot_open(self, replica: str) -> bool:
         """Opening the replica's mirror failed within the last few seconds (it is not tried again sooner)."""
-        return self._recently_failed(replica)
+        failed = self._open_failed.get(replica)
+        return failed is not None and time.monotonic() - failed < 5.0
 
     async def ensure(self, replica: str, endpoints: ServerEndpoints | Mapping[str, Any] | None) -> ReplicaCache | None:
         """The replica's cache, opening its proxy first if needed; None if it cannot be opened now."""
         if not isinstance(endpoints, ServerEndpoints):
             endpoints = ServerEndpoints.from_metadata(endpoints)
         cache = self.cache(replica)
-        if cache is not None or endpoints is None or self._recently_failed(replica):
+        if cache is not None or endpoints is None or self.cannot_open(replica):
             return cache  # a failed open is retried after a pause, not on every request sent there
         pending = self._opening.get(replica)
         if pending is None:
